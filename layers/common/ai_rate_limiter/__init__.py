@@ -1,0 +1,1 @@
+"""AI Rate Limiter: LLM prompts through provider rate limits, as serverless functions."""

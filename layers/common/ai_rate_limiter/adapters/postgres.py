@@ -1,0 +1,541 @@
+"""Postgres: a thread-safe connection pool and the store every service writes through."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extras
+import psycopg2.pool
+
+from ..domain.models import ChatRequest, ClaimedMessage, Provider, ProviderResult, ProviderType
+from ..errors import Conflict, DependencyUnavailable, NotFound
+
+log = logging.getLogger(__name__)
+Row = dict[str, Any]
+Cursor = Any  # a RealDictCursor
+
+PROVIDER_COLUMNS = (
+    "id, name, provider_type, api_key, request_limit, time_window, token_limit, "
+    "max_concurrency, config, status, status_detail, created_at, updated_at"
+)
+
+
+class Database:
+    """A lazily opened pool; `tx()` is one transaction, retried once on a dropped connection."""
+
+    def __init__(self, url: str, maxconn: int = 32) -> None:
+        self.url = url
+        self.maxconn = maxconn
+        self._pool: psycopg2.pool.ThreadedConnectionPool | None = None
+        self._lock = threading.Lock()
+
+    def _get_pool(self) -> psycopg2.pool.ThreadedConnectionPool:
+        with self._lock:
+            if self._pool is None:
+                try:
+                    self._pool = psycopg2.pool.ThreadedConnectionPool(
+                        1,
+                        self.maxconn,
+                        self.url,
+                        connect_timeout=5,
+                        cursor_factory=psycopg2.extras.RealDictCursor,
+                    )
+                except psycopg2.OperationalError as exc:
+                    raise DependencyUnavailable(f"postgres unreachable: {exc}".strip()) from exc
+            return self._pool
+
+    @contextmanager
+    def tx(self) -> Iterator[Any]:
+        pool = self._get_pool()
+        try:
+            conn = pool.getconn()
+        except psycopg2.OperationalError as exc:
+            raise DependencyUnavailable(f"postgres unreachable: {exc}".strip()) from exc
+        broken = False
+        try:
+            with conn.cursor() as cur:
+                yield cur
+            conn.commit()
+        except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+            broken = True
+            raise DependencyUnavailable(f"postgres: {exc}".strip()) from exc
+        except BaseException:
+            if not conn.closed:
+                conn.rollback()
+            raise
+        finally:
+            pool.putconn(conn, close=broken or bool(conn.closed))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.closeall()
+                self._pool = None
+
+
+def provider_from_row(row: Row) -> Provider:
+    return Provider(
+        id=str(row["id"]),
+        name=row["name"],
+        type=ProviderType(row["provider_type"]),
+        api_key=row["api_key"],
+        limit=row["request_limit"],
+        time_window=row["time_window"],
+        token_limit=row["token_limit"],
+        max_concurrency=row["max_concurrency"],
+        config=dict(row["config"] or {}),
+        status=row["status"],
+        version=str(row["updated_at"]),
+    )
+
+
+class Store:
+    """Every query the services need, each scoped to a tenant."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- providers --------------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_provider(cur: Cursor, tenant: str, row: Row) -> Row:
+        cur.execute(
+            f"""INSERT INTO providers (tenant_id, id, name, provider_type, api_key, request_limit,
+                   time_window, token_limit, max_concurrency, config)
+                VALUES (%(tenant)s, %(id)s, %(name)s, %(provider_type)s, %(api_key)s, %(limit)s,
+                   %(time_window)s, %(token_limit)s, %(max_concurrency)s, %(config)s)
+                RETURNING {PROVIDER_COLUMNS}""",
+            {**row, "tenant": tenant, "config": psycopg2.extras.Json(row["config"])},
+        )
+        return dict(cur.fetchone())
+
+    def create_provider(self, tenant: str, row: Row) -> Row:
+        with self.db.tx() as cur:
+            return self._insert_provider(cur, tenant, row)
+
+    def list_providers(self, tenant: str) -> list[Row]:
+        with self.db.tx() as cur:
+            cur.execute(
+                f"SELECT {PROVIDER_COLUMNS} FROM providers WHERE tenant_id = %s ORDER BY created_at",
+                (tenant,),
+            )
+            return [dict(r) for r in cur.fetchall()]
+
+    def get_provider(self, tenant: str, provider_id: str) -> Row:
+        with self.db.tx() as cur:
+            cur.execute(
+                f"SELECT {PROVIDER_COLUMNS} FROM providers WHERE tenant_id = %s AND id = %s",
+                (tenant, provider_id),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"No provider {provider_id}.")
+        return dict(row)
+
+    def update_provider(self, tenant: str, provider_id: str, changes: Row) -> Row:
+        sets = ", ".join(f"{col} = %({col})s" for col in changes)
+        params = {k: psycopg2.extras.Json(v) if k == "config" else v for k, v in changes.items()}
+        with self.db.tx() as cur:
+            cur.execute(
+                f"""UPDATE providers SET {sets}, updated_at = clock_timestamp()
+                    WHERE tenant_id = %(tenant)s AND id = %(id)s RETURNING {PROVIDER_COLUMNS}""",
+                {**params, "tenant": tenant, "id": provider_id},
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"No provider {provider_id}.")
+        return dict(row)
+
+    def set_provider_status(self, provider_id: str, status: str, detail: str | None) -> None:
+        with self.db.tx() as cur:
+            cur.execute(
+                "UPDATE providers SET status = %s, status_detail = %s WHERE id = %s",
+                (status, detail, provider_id),
+            )
+
+    def delete_provider(self, tenant: str, provider_id: str) -> None:
+        with self.db.tx() as cur:
+            cur.execute(
+                "SELECT queue_id FROM queue_providers WHERE tenant_id = %s AND provider_id = %s",
+                (tenant, provider_id),
+            )
+            users = [r["queue_id"] for r in cur.fetchall()]
+            if users:
+                raise Conflict(
+                    f"Provider {provider_id} is used by queue(s) {', '.join(sorted(users))}; "
+                    "delete those queues first."
+                )
+            cur.execute("DELETE FROM providers WHERE tenant_id = %s AND id = %s", (tenant, provider_id))
+            if cur.rowcount == 0:
+                raise NotFound(f"No provider {provider_id}.")
+
+    # -- queues -----------------------------------------------------------------------------
+
+    def create_queue(
+        self, tenant: str, queue_id: str, new_providers: Sequence[Row], links: Sequence[Row]
+    ) -> None:
+        """One transaction: the queue, its inline providers, and its links (id, weight, position)."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """INSERT INTO queues (tenant_id, queue_id) VALUES (%s, %s)
+                   ON CONFLICT DO NOTHING""",
+                (tenant, queue_id),
+            )
+            if cur.rowcount == 0:
+                raise Conflict(f"Queue {queue_id} already exists.")
+            for row in new_providers:
+                self._insert_provider(cur, tenant, row)
+            ids = [link["provider_id"] for link in links]
+            cur.execute(
+                "SELECT id::text FROM providers WHERE tenant_id = %s AND id = ANY(%s::uuid[])",
+                (tenant, ids),
+            )
+            missing = set(ids) - {r["id"] for r in cur.fetchall()}
+            if missing:
+                raise NotFound(f"No provider {', '.join(sorted(missing))}.")
+            psycopg2.extras.execute_values(
+                cur,
+                """INSERT INTO queue_providers (tenant_id, queue_id, provider_id, position, weight)
+                   VALUES %s""",
+                [(tenant, queue_id, link["provider_id"], i, link["weight"]) for i, link in enumerate(links)],
+            )
+
+    def queue_exists(self, tenant: str, queue_id: str) -> bool:
+        with self.db.tx() as cur:
+            cur.execute("SELECT 1 FROM queues WHERE tenant_id = %s AND queue_id = %s", (tenant, queue_id))
+            return cur.fetchone() is not None
+
+    def list_queues(self, tenant: str) -> list[Row]:
+        with self.db.tx() as cur:
+            cur.execute(
+                """SELECT q.queue_id, q.created_at,
+                          coalesce(array_agg(qp.provider_id::text ORDER BY qp.position)
+                                   FILTER (WHERE qp.provider_id IS NOT NULL), '{}') AS provider_ids
+                   FROM queues q LEFT JOIN queue_providers qp
+                        ON qp.tenant_id = q.tenant_id AND qp.queue_id = q.queue_id
+                   WHERE q.tenant_id = %s GROUP BY q.queue_id, q.created_at
+                   ORDER BY q.created_at""",
+                (tenant,),
+            )
+            return [dict(r) for r in cur.fetchall()]
+
+    def get_queue(self, tenant: str, queue_id: str) -> Row:
+        with self.db.tx() as cur:
+            cur.execute(
+                "SELECT queue_id, created_at FROM queues WHERE tenant_id = %s AND queue_id = %s",
+                (tenant, queue_id),
+            )
+            queue = cur.fetchone()
+            if queue is None:
+                raise NotFound(f"No queue {queue_id}.")
+            cur.execute(
+                """SELECT status, count(*) AS n FROM messages
+                   WHERE tenant_id = %s AND queue_id = %s GROUP BY status""",
+                (tenant, queue_id),
+            )
+            counts = {r["status"]: r["n"] for r in cur.fetchall()}
+        return {**queue, "counts": counts}
+
+    def queue_providers(self, tenant: str, queue_id: str) -> list[tuple[Row, float]]:
+        cols = ", ".join(f"p.{c.strip()}" for c in PROVIDER_COLUMNS.split(","))
+        with self.db.tx() as cur:
+            cur.execute(
+                f"""SELECT {cols}, qp.weight FROM queue_providers qp
+                    JOIN providers p ON p.id = qp.provider_id
+                    WHERE qp.tenant_id = %s AND qp.queue_id = %s ORDER BY qp.position""",
+                (tenant, queue_id),
+            )
+            return [(dict(r), r["weight"]) for r in cur.fetchall()]
+
+    def delete_queue(self, tenant: str, queue_id: str) -> list[str]:
+        """Remove the queue and cancel its queued messages; returns the batches touched."""
+        with self.db.tx() as cur:
+            cur.execute("DELETE FROM queues WHERE tenant_id = %s AND queue_id = %s", (tenant, queue_id))
+            if cur.rowcount == 0:
+                raise NotFound(f"No queue {queue_id}.")
+            cur.execute(
+                """UPDATE messages SET status = 'cancelled', finished_at = now(), updated_at = now(),
+                          last_error = 'queue deleted'
+                   WHERE tenant_id = %s AND queue_id = %s AND status = 'queued'
+                   RETURNING batch_id""",
+                (tenant, queue_id),
+            )
+            return sorted({str(r["batch_id"]) for r in cur.fetchall() if r["batch_id"]})
+
+    def all_queues(self) -> list[tuple[str, str]]:
+        with self.db.tx() as cur:
+            cur.execute("SELECT tenant_id, queue_id FROM queues")
+            return [(r["tenant_id"], r["queue_id"]) for r in cur.fetchall()]
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def insert_messages(self, tenant: str, batch: Row | None, rows: Sequence[Row]) -> None:
+        """One transaction: the batch (if any) and all its messages, or nothing."""
+        with self.db.tx() as cur:
+            if batch is not None:
+                cur.execute(
+                    """INSERT INTO batches (tenant_id, id, queue_id, total, webhook_url,
+                           webhook_event)
+                       VALUES (%(tenant)s, %(id)s, %(queue_id)s, %(total)s, %(webhook_url)s,
+                           %(webhook_event)s)""",
+                    {**batch, "tenant": tenant},
+                )
+            psycopg2.extras.execute_values(
+                cur,
+                """INSERT INTO messages (tenant_id, id, queue_id, batch_id, seq, custom_id,
+                       request, metadata) VALUES %s""",
+                [
+                    (
+                        tenant,
+                        r["id"],
+                        r["queue_id"],
+                        r["batch_id"],
+                        r["seq"],
+                        r["custom_id"],
+                        psycopg2.extras.Json(r["request"]),
+                        None if r["metadata"] is None else psycopg2.extras.Json(r["metadata"]),
+                    )
+                    for r in rows
+                ],
+                page_size=2000,
+            )
+
+    def discard_messages(self, tenant: str, batch_id: str | None, ids: Sequence[str]) -> None:
+        """Undo a submission whose publish failed."""
+        with self.db.tx() as cur:
+            cur.execute(
+                "DELETE FROM messages WHERE tenant_id = %s AND id = ANY(%s::uuid[])",
+                (tenant, list(ids)),
+            )
+            if batch_id:
+                cur.execute("DELETE FROM batches WHERE tenant_id = %s AND id = %s", (tenant, batch_id))
+
+    def get_message(self, tenant: str, message_id: str) -> Row:
+        with self.db.tx() as cur:
+            cur.execute("SELECT * FROM messages WHERE tenant_id = %s AND id = %s", (tenant, message_id))
+            row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"No message {message_id}.")
+        return dict(row)
+
+    def cancel_message(self, tenant: str, message_id: str) -> Row | None:
+        """Cancel a queued message; None when it was not queued."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE messages SET status = 'cancelled', finished_at = now(), updated_at = now()
+                   WHERE tenant_id = %s AND id = %s AND status = 'queued' RETURNING *""",
+                (tenant, message_id),
+            )
+            row = cur.fetchone()
+        return None if row is None else dict(row)
+
+    def delete_message(self, tenant: str, message_id: str) -> bool:
+        """Delete a finished message that is not part of a batch."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """DELETE FROM messages WHERE tenant_id = %s AND id = %s AND batch_id IS NULL
+                   AND status IN ('completed', 'failed', 'cancelled')""",
+                (tenant, message_id),
+            )
+            return cur.rowcount == 1
+
+    def claim(self, ids: Sequence[str], lease_s: float) -> list[ClaimedMessage]:
+        """Take the lease on every message that is queued (or whose lease ran out)."""
+        if not ids:
+            return []
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE messages SET status = 'processing', attempt = attempt + 1,
+                          lease_until = now() + make_interval(secs => %s),
+                          started_at = coalesce(started_at, now()), updated_at = now()
+                   WHERE id = ANY(%s::uuid[])
+                     AND (status = 'queued' OR (status = 'processing' AND lease_until < now()))
+                   RETURNING id::text, tenant_id, queue_id, batch_id::text, request, attempt""",
+                (lease_s, list(ids)),
+            )
+            rows = cur.fetchall()
+        return [
+            ClaimedMessage(
+                id=r["id"],
+                tenant_id=r["tenant_id"],
+                queue_id=r["queue_id"],
+                batch_id=r["batch_id"],
+                request=ChatRequest.from_json(r["request"]),
+                attempt=r["attempt"],
+            )
+            for r in rows
+        ]
+
+    def held_elsewhere(self, ids: Sequence[str]) -> list[Row]:
+        """Of `ids`, those another worker holds a live lease on, with the seconds it has left."""
+        if not ids:
+            return []
+        with self.db.tx() as cur:
+            cur.execute(
+                """SELECT id::text, tenant_id, queue_id,
+                          extract(epoch FROM lease_until - now())::float AS lease_left_s
+                   FROM messages WHERE id = ANY(%s::uuid[]) AND status = 'processing'
+                     AND lease_until >= now()""",
+                (list(ids),),
+            )
+            return [dict(r) for r in cur.fetchall()]
+
+    def renew(self, msg: ClaimedMessage, lease_s: float) -> ClaimedMessage | None:
+        """Count one more try and extend the lease; None if the lease was lost."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE messages SET attempt = attempt + 1, updated_at = now(),
+                          lease_until = now() + make_interval(secs => %s)
+                   WHERE id = %s AND attempt = %s AND status = 'processing' RETURNING attempt""",
+                (lease_s, msg.id, msg.attempt),
+            )
+            row = cur.fetchone()
+        if row is None:
+            return None
+        return ClaimedMessage(**{**msg.__dict__, "attempt": row["attempt"]})
+
+    def complete(self, msg: ClaimedMessage, provider: Provider, result: ProviderResult) -> bool:
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE messages SET status = 'completed', lease_until = NULL,
+                          provider_id = %s, provider_name = %s, model = %s, response_text = %s,
+                          response_raw = %s, prompt_tokens = %s, completion_tokens = %s,
+                          latency_ms = %s, last_error = NULL, finished_at = now(),
+                          updated_at = now()
+                   WHERE id = %s AND attempt = %s AND status = 'processing'""",
+                (
+                    provider.id,
+                    provider.name,
+                    result.model,
+                    result.text,
+                    psycopg2.extras.Json(result.raw),
+                    result.usage.prompt_tokens,
+                    result.usage.completion_tokens,
+                    result.latency_ms,
+                    msg.id,
+                    msg.attempt,
+                ),
+            )
+            return cur.rowcount == 1
+
+    def fail(self, msg: ClaimedMessage, error: str, provider: Provider | None) -> bool:
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE messages SET status = 'failed', lease_until = NULL, last_error = %s,
+                          provider_id = coalesce(%s, provider_id),
+                          provider_name = coalesce(%s, provider_name),
+                          finished_at = now(), updated_at = now()
+                   WHERE id = %s AND attempt = %s AND status = 'processing'""",
+                (error[:4000], provider and provider.id, provider and provider.name, msg.id, msg.attempt),
+            )
+            return cur.rowcount == 1
+
+    def release(self, msg: ClaimedMessage, note: str | None = None) -> bool:
+        """Give the message back to the queue (deferred work), keeping its attempt count."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE messages SET status = 'queued', lease_until = NULL, updated_at = now(),
+                          last_error = coalesce(%s, last_error)
+                   WHERE id = %s AND attempt = %s AND status = 'processing'""",
+                (note, msg.id, msg.attempt),
+            )
+            return cur.rowcount == 1
+
+    # -- batches ----------------------------------------------------------------------------
+
+    def get_batch(self, tenant: str, batch_id: str) -> Row:
+        with self.db.tx() as cur:
+            cur.execute("SELECT * FROM batches WHERE tenant_id = %s AND id = %s", (tenant, batch_id))
+            batch = cur.fetchone()
+            if batch is None:
+                raise NotFound(f"No batch {batch_id}.")
+            cur.execute(
+                """SELECT status, count(*) AS n FROM messages WHERE batch_id = %s
+                   GROUP BY status""",
+                (batch_id,),
+            )
+            counts = {r["status"]: r["n"] for r in cur.fetchall()}
+            cur.execute(
+                "SELECT min(started_at) AS started_at FROM messages WHERE batch_id = %s",
+                (batch_id,),
+            )
+            started = cur.fetchone()["started_at"]
+        return {**batch, "counts": counts, "started_at": started}
+
+    def batch_page(self, tenant: str, batch_id: str, after_seq: int, limit: int, columns: str) -> list[Row]:
+        with self.db.tx() as cur:
+            cur.execute(
+                f"""SELECT {columns} FROM messages
+                    WHERE tenant_id = %s AND batch_id = %s AND seq > %s
+                    ORDER BY seq LIMIT %s""",
+                (tenant, batch_id, after_seq, limit),
+            )
+            return [dict(r) for r in cur.fetchall()]
+
+    def finish_batch_if_done(self, batch_id: str) -> bool:
+        """Mark the batch finished once no message is pending. Run after the result commits."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE batches SET finished_at = now(),
+                          webhook_status = CASE WHEN webhook_url IS NULL THEN NULL
+                                                ELSE 'pending' END,
+                          webhook_next_at = now()
+                   WHERE id = %s AND finished_at IS NULL AND NOT EXISTS (
+                       SELECT 1 FROM messages WHERE batch_id = %s
+                       AND status IN ('queued', 'processing'))""",
+                (batch_id, batch_id),
+            )
+            return cur.rowcount == 1
+
+    def unfinished_batches(self, limit: int = 500) -> list[str]:
+        with self.db.tx() as cur:
+            cur.execute(
+                """SELECT id::text FROM batches WHERE finished_at IS NULL
+                   ORDER BY created_at LIMIT %s""",
+                (limit,),
+            )
+            return [r["id"] for r in cur.fetchall()]
+
+    # -- webhooks ---------------------------------------------------------------------------
+
+    def take_due_webhooks(self, limit: int, lease_s: float) -> list[Row]:
+        """Lease due webhook deliveries so that two sweepers never send the same one at once."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE batches SET webhook_attempts = webhook_attempts + 1,
+                          webhook_next_at = now() + make_interval(secs => %s)
+                   WHERE id IN (SELECT id FROM batches
+                                WHERE webhook_status = 'pending' AND webhook_next_at <= now()
+                                ORDER BY webhook_next_at LIMIT %s FOR UPDATE SKIP LOCKED)
+                   RETURNING *""",
+                (lease_s, limit),
+            )
+            return [dict(r) for r in cur.fetchall()]
+
+    def batch_counts(self, batch_id: str) -> dict[str, int]:
+        with self.db.tx() as cur:
+            cur.execute(
+                "SELECT status, count(*) AS n FROM messages WHERE batch_id = %s GROUP BY status",
+                (batch_id,),
+            )
+            return {r["status"]: r["n"] for r in cur.fetchall()}
+
+    def webhook_result(self, batch_id: str, status: str, error: str | None, retry_s: float) -> None:
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE batches SET webhook_status = %s, webhook_last_error = %s,
+                          webhook_next_at = CASE WHEN %s = 'pending'
+                                THEN now() + make_interval(secs => %s) END
+                   WHERE id = %s""",
+                (status, error, status, retry_s, batch_id),
+            )
+
+    def ping(self) -> None:
+        with self.db.tx() as cur:
+            cur.execute("SELECT 1")

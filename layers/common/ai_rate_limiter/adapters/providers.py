@@ -1,0 +1,139 @@
+"""Provider calls through the official SDKs: `openai` (OpenAI, Azure, DeepSeek), `anthropic`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import anthropic
+import httpx
+import openai
+
+from ..domain.backoff import retry_after_s
+from ..domain.models import ChatRequest, Provider, ProviderResult, ProviderType, Usage
+from ..errors import (
+    ProviderError,
+    ProviderRejected,
+    ProviderUnavailable,
+    QuotaExhausted,
+    RateLimited,
+)
+
+DEFAULT_AZURE_API_VERSION = "2024-10-21"
+ANTHROPIC_DEFAULT_MAX_TOKENS = 1024
+SDK_ERRORS = (openai.APIError, anthropic.APIError)
+
+
+def openai_base_url(provider: Provider) -> str | None:
+    """The seed writes endpoints as `https://api.openai.com`; the SDK wants the `/v1` base."""
+    endpoint = provider.endpoint
+    if endpoint and provider.type is ProviderType.OPENAI and urlsplit(endpoint).path in ("", "/"):
+        return endpoint.rstrip("/") + "/v1"
+    return endpoint
+
+
+def scrub(text: str, provider: Provider) -> str:
+    return text.replace(provider.api_key, "****") if provider.api_key else text
+
+
+def classify(exc: Exception, provider: Provider) -> ProviderError:
+    """Map an SDK exception to retryable / permanent errors of our own."""
+    if isinstance(exc, openai.APITimeoutError | anthropic.APITimeoutError):
+        return ProviderUnavailable(f"{provider.name}: request timed out")
+    if isinstance(exc, openai.APIConnectionError | anthropic.APIConnectionError):
+        return ProviderUnavailable(f"{provider.name}: connection failed")
+    status = getattr(exc, "status_code", None)
+    response = getattr(exc, "response", None)
+    headers = dict(response.headers) if isinstance(response, httpx.Response) else {}
+    message = scrub(f"{provider.name}: HTTP {status}: {getattr(exc, 'message', exc)}", provider)
+    if status == 429:
+        if "insufficient_quota" in str(getattr(exc, "body", "") or "") + message:
+            return QuotaExhausted(message)
+        return RateLimited(message, retry_after_s(headers))
+    if status is not None and (status >= 500 or status in (408, 409)):
+        return ProviderUnavailable(message, retry_after_s(headers))
+    return ProviderRejected(message)
+
+
+class ProviderGateway:
+    """Builds one SDK client per provider version and calls it; thread-safe."""
+
+    def __init__(self, http: httpx.Client, timeout_s: float) -> None:
+        self.http = http
+        self.timeout_s = timeout_s
+        self._clients: dict[tuple[str, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def _client(self, p: Provider) -> Any:
+        key = (p.id, p.version)
+        with self._lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = self._build(p)
+            return client
+
+    def _build(self, p: Provider) -> Any:
+        common: dict[str, Any] = {
+            "api_key": p.api_key,
+            "max_retries": 0,
+            "timeout": self.timeout_s,
+            "http_client": self.http,
+        }
+        if p.type is ProviderType.ANTHROPIC:
+            return anthropic.Anthropic(base_url=p.endpoint, **common)
+        if p.type is ProviderType.AZURE:
+            return openai.AzureOpenAI(
+                azure_endpoint=str(p.endpoint),
+                api_version=p.config.get("api_version") or DEFAULT_AZURE_API_VERSION,
+                azure_deployment=p.config.get("deployment") or p.model,
+                **common,
+            )
+        return openai.OpenAI(base_url=openai_base_url(p), **common)
+
+    def call(self, p: Provider, req: ChatRequest) -> ProviderResult:
+        started = time.monotonic()
+        try:
+            if p.type is ProviderType.ANTHROPIC:
+                text, usage, raw, model, headers = self._anthropic(p, req)
+            else:
+                text, usage, raw, model, headers = self._openai(p, req)
+        except SDK_ERRORS as exc:
+            raise classify(exc, p) from None
+        latency_ms = int((time.monotonic() - started) * 1000)
+        return ProviderResult(text, usage, raw, latency_ms, model, headers)
+
+    @staticmethod
+    def _params(p: Provider, req: ChatRequest) -> dict[str, Any]:
+        params: dict[str, Any] = {"model": req.model or p.model}
+        max_tokens = req.max_tokens or p.config.get("max_tokens")
+        temperature = req.temperature if req.temperature is not None else p.config.get("temperature")
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        if temperature is not None:
+            params["temperature"] = temperature
+        return {**params, **req.extra}
+
+    def _openai(self, p: Provider, req: ChatRequest) -> tuple[Any, ...]:
+        messages = list(req.messages)
+        if req.system:
+            messages.insert(0, {"role": "system", "content": req.system})
+        raw = self._client(p).chat.completions.with_raw_response.create(
+            messages=messages, **self._params(p, req)
+        )
+        body = raw.parse()
+        text = body.choices[0].message.content or "" if body.choices else ""
+        usage = Usage(body.usage.prompt_tokens, body.usage.completion_tokens) if body.usage else Usage()
+        return text, usage, raw.http_response.json(), body.model, dict(raw.headers)
+
+    def _anthropic(self, p: Provider, req: ChatRequest) -> tuple[Any, ...]:
+        params = self._params(p, req)
+        params.setdefault("max_tokens", ANTHROPIC_DEFAULT_MAX_TOKENS)
+        if req.system:
+            params["system"] = req.system
+        raw = self._client(p).messages.with_raw_response.create(messages=list(req.messages), **params)
+        body = raw.parse()
+        text = "".join(getattr(block, "text", "") for block in body.content)
+        usage = Usage(body.usage.input_tokens, body.usage.output_tokens)
+        return text, usage, raw.http_response.json(), body.model, dict(raw.headers)

@@ -1,0 +1,60 @@
+"""Every setting the system reads, from environment variables, in one place.
+
+Defaults work against PostgreSQL, Redis and RabbitMQ on localhost.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/ai_rate_limiter"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    aws_endpoint_url: str = "http://127.0.0.1:4566"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8501
+    fake_provider_port: int = 8600
+    public_base_url: str = ""
+    admin_api_key: str = ""
+    default_tenant: str = "default"
+    broker_prefix: str = "airl"
+    # Worker and event-source mapping (Lambda's BatchSize / MaximumBatchingWindowInSeconds).
+    worker_batch_size: int = 10
+    worker_batching_window_s: float = 0.5
+    worker_timeout_s: float = 300.0
+    worker_concurrency: int = 64
+    queue_poll_s: float = 1.0
+    max_attempts: int = 5
+    provider_timeout_s: float = 60.0
+    # Pace a little under the configured limit so jitter between the limiter's slot and the
+    # request's arrival at the provider never puts one request too many into a window.
+    limiter_margin: float = 0.01
+    webhook_timeout_s: float = 10.0
+    webhook_max_attempts: int = 8
+    sweeper_interval_s: float = 1.0
+    max_batch_size: int = 100_000
+    max_body_bytes: int = 64 * 1024 * 1024
+    page_size: int = 1000
+    max_page_size: int = 10_000
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default)
+            values[f.name] = kind(raw) if kind in (int, float) else raw
+        settings = cls(**values)  # type: ignore[arg-type]
+        if not settings.public_base_url:
+            base = f"http://{settings.api_host}:{settings.api_port}"
+            settings = cls(**{**settings.__dict__, "public_base_url": base})
+        return settings

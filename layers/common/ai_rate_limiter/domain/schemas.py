@@ -1,0 +1,164 @@
+"""What the API accepts, validated strictly: unknown fields and wrong types are refused."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ..errors import BadRequest, ValidationFailed
+from .models import PROVIDER_ALIASES, ProviderType
+
+M = TypeVar("M", bound=BaseModel)
+QUEUE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
+Text = Annotated[str, Field(min_length=1, max_length=1_000_000)]
+Name = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def check_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http(s) URL")
+    return value
+
+
+class ProviderConfig(Strict):
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: Name | None = None
+    endpoint: str | None = Field(default=None, max_length=2000)
+    api_version: Name | None = None
+    deployment: Name | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+
+    _url = field_validator("endpoint")(check_url)
+
+
+def provider_type(value: str) -> str:
+    value = value.strip().lower()
+    value = PROVIDER_ALIASES.get(value, value)
+    if value not in set(ProviderType):
+        raise ValueError(f"must be one of {', '.join(ProviderType)} (or claude)")
+    return str(value)
+
+
+class ProviderFields(Strict):
+    provider_name: Name | None = None
+    provider_type: str | None = None
+    api_key: str | None = Field(default=None, min_length=1, max_length=1000, pattern=r"^\S+$")
+    limit: int | None = Field(default=None, ge=1, le=10_000_000)
+    time_window: float | None = Field(default=None, gt=0, le=86_400 * 31)
+    token_limit: int | None = Field(default=None, ge=1, le=10_000_000_000)
+    max_concurrency: int | None = Field(default=None, ge=1, le=10_000)
+    config: ProviderConfig | None = None
+
+    _type = field_validator("provider_type")(lambda v: None if v is None else provider_type(v))
+
+
+class ProviderIn(ProviderFields):
+    provider_name: Name
+    provider_type: str
+    api_key: str = Field(min_length=1, max_length=1000, pattern=r"^\S+$")
+    limit: int = Field(ge=1, le=10_000_000)
+    time_window: float = Field(default=60.0, gt=0, le=86_400 * 31)
+    config: ProviderConfig = Field(default_factory=ProviderConfig)
+
+    @model_validator(mode="after")
+    def azure_needs_endpoint(self) -> ProviderIn:
+        if self.provider_type == ProviderType.AZURE and not self.config.endpoint:
+            raise ValueError("azure providers need config.endpoint (https://NAME.openai.azure.com)")
+        return self
+
+
+class ProviderPatch(ProviderFields):
+    pass
+
+
+class ProviderRef(Strict):
+    provider_id: Annotated[str, Field(min_length=1, max_length=100)]
+    weight: float = Field(default=1.0, gt=0, le=1000)
+
+
+def _provider_form(value: Any) -> str:
+    return "ref" if isinstance(value, dict) and "provider_id" in value else "inline"
+
+
+QueueProvider = Annotated[
+    Annotated[ProviderRef, Tag("ref")] | Annotated[ProviderIn, Tag("inline")],
+    Discriminator(_provider_form),
+]
+
+
+class QueueIn(Strict):
+    queue_id: str
+    providers: list[QueueProvider] = Field(min_length=1, max_length=20)
+
+    @field_validator("queue_id")
+    @classmethod
+    def queue_id_shape(cls, value: str) -> str:
+        if not QUEUE_ID.match(value):
+            raise ValueError("letters, digits, '-' and '_', starting with a letter or digit, ≤100")
+        return value
+
+
+class MessageFields(Strict):
+    prompt: Text
+    system: Text | None = None
+    model: Name | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    custom_id: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    metadata: dict[str, Any] | None = None
+    extra: dict[str, Any] | None = None
+
+
+class MessageIn(MessageFields):
+    queue_id: Name
+
+
+class BatchIn(Strict):
+    queue_id: Name
+    messages: list[MessageFields] = Field(min_length=1)
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    webhook_event: Literal["on_complete"] = "on_complete"
+
+    _url = field_validator("webhook_url")(check_url)
+
+
+def problems(exc: ValidationError) -> list[dict[str, str]]:
+    out = []
+    for err in exc.errors(include_url=False):
+        parts = [str(p) for p in err["loc"]]
+        loc = ".".join(p for p in parts if p not in ("ref", "inline") and "[" not in p)
+        msg = err["msg"].removeprefix("Value error, ")
+        out.append({"field": loc or "(body)", "message": msg})
+    return out
+
+
+def parse(model: type[M], data: Any) -> M:
+    """Validate decoded JSON into `model`, or raise a 400/422 naming every bad field."""
+    if not isinstance(data, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errs = problems(exc)
+        first = errs[0]
+        raise ValidationFailed(f"{first['field']}: {first['message']}", errors=errs) from None

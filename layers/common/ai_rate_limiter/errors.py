@@ -1,0 +1,78 @@
+"""The one error root. `retryable` separates what may succeed later from what never will."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AppError(Exception):
+    status = 500
+    title = "Internal Server Error"
+    retryable = False
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class BadRequest(AppError):
+    status, title = 400, "Bad Request"
+
+
+class NotFound(AppError):
+    status, title = 404, "Not Found"
+
+
+class Conflict(AppError):
+    status, title = 409, "Conflict"
+
+
+class PayloadTooLarge(AppError):
+    status, title = 413, "Content Too Large"
+
+
+class UnsupportedMediaType(AppError):
+    status, title = 415, "Unsupported Media Type"
+
+
+class ValidationFailed(AppError):
+    status, title = 422, "Unprocessable Content"
+
+
+class DependencyUnavailable(AppError):
+    """Postgres, Redis or RabbitMQ could not be reached."""
+
+    status, title, retryable = 503, "Service Unavailable", True
+
+
+class ProviderError(AppError):
+    """A provider call did not produce an answer."""
+
+    status, title = 502, "Bad Gateway"
+
+
+class RateLimited(ProviderError):
+    retryable = True
+
+    def __init__(self, detail: str, retry_after_s: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
+class ProviderUnavailable(ProviderError):
+    """5xx, timeouts and connection failures."""
+
+    retryable = True
+
+    def __init__(self, detail: str, retry_after_s: float | None = None) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+
+class ProviderRejected(ProviderError):
+    """Any other 4xx: the request itself is wrong, retrying will not help."""
+
+
+class QuotaExhausted(ProviderRejected):
+    """The account has no quota left (`insufficient_quota`)."""

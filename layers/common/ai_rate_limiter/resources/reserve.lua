@@ -1,0 +1,47 @@
+-- GCRA reservation over one or more candidate providers, each with one or more limits.
+--
+-- KEYS: the limit keys of every candidate, in order.
+-- ARGV[1]: max_wait_us  - reserve only if the slot starts within this many microseconds
+-- ARGV[2]: n_candidates
+-- then per candidate: n_limits, and per limit: increment_us, tolerance_us
+--   increment_us: emission interval times cost (window / limit * cost)
+--   tolerance_us: how far ahead of the theoretical arrival time a request may start (0 = strict)
+--
+-- Picks the candidate whose slot starts soonest, commits that slot on all of its limits at
+-- once, and returns {candidate_index (1-based), wait_us, reserved (1|0)}.
+-- Time comes from Redis TIME so that workers never compare clocks. Keys expire when idle.
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local max_wait = tonumber(ARGV[1])
+local n_candidates = tonumber(ARGV[2])
+
+local a, k = 3, 1
+local best, best_start, best_a, best_k, best_n
+for c = 1, n_candidates do
+  local n = tonumber(ARGV[a])
+  local start = now
+  for i = 0, n - 1 do
+    local tat = tonumber(redis.call('GET', KEYS[k + i]) or '0')
+    local allowed = tat - tonumber(ARGV[a + 2 + 2 * i])
+    if allowed > start then start = allowed end
+  end
+  if best == nil or start < best_start then
+    best, best_start, best_a, best_k, best_n = c, start, a, k, n
+  end
+  a = a + 1 + 2 * n
+  k = k + n
+end
+
+local wait = best_start - now
+if wait > max_wait then
+  return {best, wait, 0}
+end
+for i = 0, best_n - 1 do
+  local key = KEYS[best_k + i]
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < best_start then tat = best_start end
+  local new_tat = tat + tonumber(ARGV[best_a + 1 + 2 * i])
+  redis.call('SET', key, string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+end
+return {best, wait, 1}

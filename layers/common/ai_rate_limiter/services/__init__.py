@@ -1,0 +1,1 @@
+"""Use cases: each takes the container and plain data, returns plain data."""

@@ -1,0 +1,120 @@
+"""Batches: progress, their messages page by page, and results as JSON or CSV in input order."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from ..bootstrap import Container
+from ..domain.progress import batch_progress
+from ..errors import ValidationFailed
+from .providers import checked_id
+from .views import Row, iso, message_view
+
+RESULT_COLUMNS = (
+    "seq AS index, id::text AS message_id, custom_id, "
+    "request->'messages'->0->>'content' AS prompt, status, response_text AS response, "
+    "provider_name AS provider, model, prompt_tokens, completion_tokens, latency_ms, "
+    "attempt AS attempts, last_error AS error"
+)
+CSV_FIELDS = (
+    "index",
+    "message_id",
+    "custom_id",
+    "prompt",
+    "status",
+    "response",
+    "provider",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "attempts",
+    "error",
+)
+
+
+def progress(c: Container, tenant: str, batch_id: str) -> Row:
+    b = c.store.get_batch(tenant, checked_id(batch_id, "batch"))
+    p = batch_progress(
+        b["total"], b["counts"], b["created_at"], datetime.now(UTC), finished=b["finished_at"] is not None
+    )
+    return {
+        "batch_id": str(b["id"]),
+        "queue_id": b["queue_id"],
+        "status": p.status,
+        "total": p.total,
+        "done": p.done,
+        "counts": p.counts,
+        "percent": p.percent,
+        "eta_seconds": p.eta_s,
+        "created_at": iso(b["created_at"]),
+        "started_at": iso(b["started_at"]),
+        "finished_at": iso(b["finished_at"]),
+        "webhook": None
+        if not b["webhook_url"]
+        else {
+            "url": b["webhook_url"],
+            "event": b["webhook_event"],
+            "status": b["webhook_status"],
+            "attempts": b["webhook_attempts"],
+            "last_error": b["webhook_last_error"],
+        },
+        "results_url": f"{c.settings.public_base_url}/batch/{b['id']}/results",
+    }
+
+
+def page_args(c: Container, query: Mapping[str, str] | None) -> tuple[int, int]:
+    """`?limit=` (1..max_page_size) and `?cursor=` (the last index already read)."""
+    query = query or {}
+    try:
+        limit = int(query.get("limit", c.settings.page_size))
+        cursor = int(query.get("cursor", -1))
+    except ValueError:
+        raise ValidationFailed("limit and cursor must be integers.") from None
+    if not 1 <= limit <= c.settings.max_page_size or cursor < -1:
+        raise ValidationFailed(f"limit must be 1..{c.settings.max_page_size}; cursor ≥ -1.")
+    return limit, cursor
+
+
+def _page(
+    c: Container, tenant: str, batch_id: str, query: Mapping[str, str] | None, columns: str
+) -> tuple[list[Row], str | None, int]:
+    batch_id = checked_id(batch_id, "batch")
+    batch = c.store.get_batch(tenant, batch_id)
+    limit, cursor = page_args(c, query)
+    rows = c.store.batch_page(tenant, batch_id, cursor, limit, columns)
+    last = rows[-1]["index"] if rows else cursor
+    more = len(rows) == limit and last < batch["total"] - 1
+    return rows, (str(last) if more else None), batch["total"]
+
+
+def messages(c: Container, tenant: str, batch_id: str, query: Mapping[str, str] | None) -> Row:
+    rows, next_cursor, total = _page(c, tenant, batch_id, query, "*, seq AS index")
+    return {
+        "batch_id": batch_id,
+        "total": total,
+        "next_cursor": next_cursor,
+        "messages": [{"index": r["index"], **message_view(r)} for r in rows],
+    }
+
+
+def results(
+    c: Container, tenant: str, batch_id: str, query: Mapping[str, str] | None
+) -> tuple[str, Any, str | None]:
+    """One page of results: (content type, body, next cursor)."""
+    fmt = (query or {}).get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise ValidationFailed("format must be json or csv.")
+    rows, next_cursor, total = _page(c, tenant, batch_id, query, RESULT_COLUMNS)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return "text/csv; charset=utf-8", out.getvalue(), next_cursor
+    body = {"batch_id": batch_id, "total": total, "next_cursor": next_cursor, "results": rows}
+    return "application/json", body, next_cursor

@@ -1,0 +1,102 @@
+"""Messages: submit one prompt or a batch, read one back, cancel or delete it."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from ..bootstrap import Container
+from ..domain.models import ChatRequest
+from ..domain.schemas import BatchIn, MessageFields, MessageIn, parse
+from ..errors import AppError, Conflict, NotFound, PayloadTooLarge
+from . import dispatch
+from .providers import checked_id
+from .views import Row, message_view
+
+
+def chat_request(m: MessageFields) -> ChatRequest:
+    return ChatRequest(
+        messages=[{"role": "user", "content": m.prompt}],
+        system=m.system,
+        model=m.model,
+        max_tokens=m.max_tokens,
+        temperature=m.temperature,
+        extra=m.extra or {},
+    )
+
+
+def message_row(queue_id: str, m: MessageFields, batch_id: str | None, seq: int) -> Row:
+    return {
+        "id": str(uuid.uuid4()),
+        "queue_id": queue_id,
+        "batch_id": batch_id,
+        "seq": seq,
+        "custom_id": m.custom_id,
+        "request": chat_request(m).to_json(),
+        "metadata": m.metadata,
+    }
+
+
+def submit(c: Container, tenant: str, body: Any) -> Row:
+    """The seed's single form (`prompt`) or batch form (`messages`); 202 either way."""
+    if isinstance(body, dict) and "messages" in body:
+        return _submit_batch(c, tenant, body)
+    msg = parse(MessageIn, body)
+    row = message_row(msg.queue_id, msg, None, 0)
+    _store_and_publish(c, tenant, msg.queue_id, None, [row])
+    return {"message_id": row["id"], "status": "queued", "queue_id": msg.queue_id}
+
+
+def _submit_batch(c: Container, tenant: str, body: dict[str, Any]) -> Row:
+    items = body.get("messages")
+    if isinstance(items, list) and len(items) > c.settings.max_batch_size:
+        raise PayloadTooLarge(
+            f"A batch holds at most {c.settings.max_batch_size} messages; got {len(items)}."
+        )
+    batch_in = parse(BatchIn, body)
+    batch_id = str(uuid.uuid4())
+    rows = [message_row(batch_in.queue_id, m, batch_id, i) for i, m in enumerate(batch_in.messages)]
+    batch = {
+        "id": batch_id,
+        "queue_id": batch_in.queue_id,
+        "total": len(rows),
+        "webhook_url": batch_in.webhook_url,
+        "webhook_event": batch_in.webhook_event if batch_in.webhook_url else None,
+    }
+    _store_and_publish(c, tenant, batch_in.queue_id, batch, rows)
+    return {"batch_id": batch_id, "total": len(rows), "status": "queued", "queue_id": batch_in.queue_id}
+
+
+def _store_and_publish(c: Container, tenant: str, queue_id: str, batch: Row | None, rows: list[Row]) -> None:
+    """Store first, then publish; if publishing fails, the stored rows are removed again."""
+    if not c.store.queue_exists(tenant, queue_id):
+        raise NotFound(f"No queue {queue_id}.")
+    c.store.insert_messages(tenant, batch, rows)
+    ids = [r["id"] for r in rows]
+    try:
+        dispatch.publish(c, tenant, queue_id, ids)
+    except AppError:
+        c.store.discard_messages(tenant, batch["id"] if batch else None, ids)
+        raise
+
+
+def read(c: Container, tenant: str, message_id: str) -> Row:
+    return message_view(c.store.get_message(tenant, checked_id(message_id, "message")))
+
+
+def delete(c: Container, tenant: str, message_id: str) -> Row:
+    """Queued: cancelled. Finished and not in a batch: deleted. In flight: 409."""
+    message_id = checked_id(message_id, "message")
+    cancelled = c.store.cancel_message(tenant, message_id)
+    if cancelled is not None:
+        if cancelled["batch_id"]:
+            c.store.finish_batch_if_done(str(cancelled["batch_id"]))
+        return {"message_id": message_id, "status": "cancelled"}
+    current = c.store.get_message(tenant, message_id)
+    if current["status"] == "processing":
+        raise Conflict("The message is being processed now; it can no longer be cancelled.")
+    if current["batch_id"] is not None:
+        raise Conflict("A finished message that belongs to a batch stays with its batch.")
+    if not c.store.delete_message(tenant, message_id):
+        raise Conflict("The message changed while it was being deleted; try again.")
+    return {"message_id": message_id, "deleted": True}

@@ -1,0 +1,165 @@
+"""The worker's use case: claim each delivered message, wait for the limiter, call, store.
+
+Whole-batch retry is the cloud's rule, so one bad message never raises: its failure is
+recorded in Postgres. Only an unreachable dependency raises, so the batch is delivered again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ..adapters.postgres import provider_from_row
+from ..bootstrap import Container
+from ..domain.backoff import backoff_s
+from ..domain.limits import provider_limits
+from ..domain.models import ClaimedMessage, Provider
+from ..domain.rmq_event import parse_event
+from ..errors import (
+    DependencyUnavailable,
+    ProviderError,
+    ProviderRejected,
+    QuotaExhausted,
+    RateLimited,
+)
+from . import dispatch
+
+log = logging.getLogger(__name__)
+SAFETY_S = 1.0  # never plan work into the last second of an invocation
+
+
+@dataclass(frozen=True)
+class Deadline:
+    at: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds)
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+
+def message_ids(event: Mapping[str, Any]) -> list[str]:
+    """Message ids in delivery order; malformed bodies are logged and skipped (and acked)."""
+    ids = []
+    for d in parse_event(event):
+        try:
+            ids.append(str(uuid.UUID(json.loads(d.data)["message_id"])))
+        except (ValueError, KeyError, TypeError):
+            log.warning("skipping a malformed message on %s (%d bytes)", d.queue, len(d.data))
+    return list(dict.fromkeys(ids))
+
+
+def handle_event(c: Container, event: Mapping[str, Any], remaining_s: float) -> dict[str, int]:
+    deadline = Deadline.after(remaining_s)
+    ids = message_ids(event)
+    claimed = c.store.claim(ids, lease_s=remaining_s + 30)
+    outcomes: Counter[str] = Counter(skipped=len(ids) - len(claimed))
+    if len(claimed) < len(ids):
+        outcomes["parked"] = park_held(c, set(ids) - {m.id for m in claimed})
+    if not claimed:
+        return dict(outcomes)
+    providers: dict[tuple[str, str], list[Provider]] = {}
+    for m in claimed:
+        key = (m.tenant_id, m.queue_id)
+        if key not in providers:
+            providers[key] = [provider_from_row(r) for r, _ in c.store.queue_providers(*key)]
+    call_budget = min(c.settings.provider_timeout_s, remaining_s / 3)
+
+    def run(m: ClaimedMessage) -> str:
+        return process(c, m, providers[(m.tenant_id, m.queue_id)], deadline, call_budget)
+
+    workers = max(1, min(len(claimed), c.settings.worker_concurrency))
+    with ThreadPoolExecutor(workers, thread_name_prefix="msg") as pool:
+        futures = [pool.submit(run, m) for m in claimed]
+    errors = [e for e in (f.exception() for f in futures) if e is not None]
+    outcomes.update(f.result() for f in futures if f.exception() is None)
+    for batch_id in {m.batch_id for m in claimed if m.batch_id}:
+        c.store.finish_batch_if_done(batch_id)
+    if errors:
+        raise errors[0]  # only DependencyUnavailable gets here: redeliver the whole batch
+    return dict(outcomes)
+
+
+def park_held(c: Container, ids: set[str]) -> int:
+    """A redelivered message another worker still leases comes back once that lease ends,
+    so it is not lost if that worker died."""
+    held = c.store.held_elsewhere(sorted(ids))
+    for row in held:
+        dispatch.publish_later(c, row["tenant_id"], row["queue_id"], row["id"], row["lease_left_s"] + 1.0)
+    return len(held)
+
+
+def process(
+    c: Container, m: ClaimedMessage, providers: list[Provider], deadline: Deadline, call_budget: float
+) -> str:
+    try:
+        return _attempt_until_done(c, m, providers, deadline, call_budget)
+    except DependencyUnavailable:
+        _quietly(lambda: c.store.release(m, None))
+        raise
+    except Exception as exc:  # a bad message must not fail its neighbours
+        log.exception("message %s failed unexpectedly", m.id)
+        c.store.fail(m, f"internal error: {type(exc).__name__}", None)
+        return "failed"
+
+
+def _attempt_until_done(
+    c: Container, m: ClaimedMessage, providers: list[Provider], deadline: Deadline, call_budget: float
+) -> str:
+    s = c.settings
+    candidates = [p for p in providers if p.status == "active"]
+    if not candidates:
+        c.store.fail(m, "The queue has no usable provider (deleted or out of quota).", None)
+        return "failed"
+    limits = [provider_limits(p, s.limiter_margin) for p in candidates]
+    while True:
+        max_wait = deadline.remaining() - call_budget - SAFETY_S
+        if max_wait < 0:
+            dispatch.defer(c, m, 1.0, None)
+            return "deferred"
+        slot = c.limiter.reserve(limits, max_wait)
+        if not slot.reserved:
+            dispatch.defer(c, m, slot.wait_s, None)
+            return "deferred"
+        time.sleep(slot.wait_s)
+        provider = candidates[slot.index]
+        try:
+            result = c.providers.call(provider, m.request)
+        except ProviderRejected as exc:
+            if isinstance(exc, QuotaExhausted):
+                c.store.set_provider_status(provider.id, "quota_exhausted", exc.detail)
+            c.store.fail(m, exc.detail, provider)
+            return "failed"
+        except ProviderError as exc:
+            if m.attempt >= s.max_attempts:
+                c.store.fail(m, f"gave up after {m.attempt} attempts: {exc.detail}", provider)
+                return "failed"
+            pause = getattr(exc, "retry_after_s", None) or backoff_s(m.attempt)
+            if isinstance(exc, RateLimited):
+                log.warning("429 from %s; waiting %.2fs", provider.name, pause)
+            if pause > deadline.remaining() - call_budget - SAFETY_S:
+                dispatch.defer(c, m, pause, exc.detail)
+                return "deferred"
+            time.sleep(pause)
+            renewed = c.store.renew(m, lease_s=deadline.remaining() + 30)
+            if renewed is None:
+                return "lost"
+            m = renewed
+            continue
+        return "completed" if c.store.complete(m, provider, result) else "lost"
+
+
+def _quietly(action: Callable[[], object]) -> None:
+    try:
+        action()
+    except Exception:  # best effort while a dependency is down
+        log.debug("best-effort action failed", exc_info=True)

@@ -1,0 +1,1 @@
+"""Run the whole system without the cloud: API, event-source bridge, sweeper, fake provider."""

@@ -1,0 +1,33 @@
+"""Serve the Chalice app locally (Chalice's own local server, threaded).
+
+python -m local.api_server
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+
+from ai_rate_limiter.config import Settings
+from chalice.config import Config
+from chalice.local import LocalDevServer
+
+from local.functions import load
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s api %(levelname)s %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    app = load("api", "app").app
+    server = LocalDevServer(app, Config(), settings.api_host, settings.api_port)
+    server.server.daemon_threads = True
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    with contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

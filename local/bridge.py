@@ -1,0 +1,222 @@
+"""The local event-source mapping: consume RabbitMQ, call the worker with the Amazon MQ event.
+
+Like the AWS event source mapping it keeps prefetch = batch size, gathers up to the batch size
+or the batching window, invokes the same `handler(event, context)`, acks the whole batch on
+success and requeues the whole batch on an exception. It follows queues as they are created
+and deleted, and runs the scheduled sweeper.
+
+    python -m local.bridge [--no-sweeper]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import pika
+import pika.exceptions
+from ai_rate_limiter.adapters.rabbitmq import RECOVERABLE, connection_parameters
+from ai_rate_limiter.bootstrap import container
+from ai_rate_limiter.config import Settings
+from ai_rate_limiter.domain.rmq_event import basic_properties, build_event
+
+from local.functions import load
+
+log = logging.getLogger("bridge")
+Handler = Callable[[dict[str, Any], Any], Any]
+
+
+@dataclass
+class LambdaContext:
+    """What a handler reads from Lambda's context object."""
+
+    deadline: float
+    function_name: str = "worker"
+    aws_request_id: str = ""
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(int((self.deadline - time.monotonic()) * 1000), 0)
+
+
+def vhost_of(url: str) -> str:
+    return unquote(urlsplit(url).path.lstrip("/")) or "/"
+
+
+class QueueConsumer(threading.Thread):
+    """One queue's event source mapping: one batch in flight at a time, as in the cloud."""
+
+    def __init__(self, settings: Settings, queue: str, handler: Handler) -> None:
+        super().__init__(name=f"consumer:{queue}", daemon=True)
+        self.settings, self.queue, self.handler = settings, queue, handler
+        self.stopping = threading.Event()
+        self.invoker = ThreadPoolExecutor(1, thread_name_prefix=f"invoke:{queue}")
+        self.failures = 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.consume()
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == 404:
+                    log.info("queue %s is gone; consumer stops", self.queue)
+                    return
+                log.warning("channel closed on %s: %s", self.queue, exc)
+            except RECOVERABLE as exc:
+                log.warning("broker connection lost on %s: %r", self.queue, exc)
+            self.stopping.wait(1.0)
+
+    def consume(self) -> None:
+        s = self.settings
+        conn = pika.BlockingConnection(connection_parameters(s.rabbitmq_url, heartbeat=30))
+        try:
+            ch = conn.channel()
+            ch.queue_declare(self.queue, passive=True)
+            ch.basic_qos(prefetch_count=s.worker_batch_size)
+            batch: list[tuple[Any, Any, bytes]] = []
+            opened = 0.0
+            for method, props, body in ch.consume(self.queue, inactivity_timeout=0.05):
+                if self.stopping.is_set():
+                    break
+                if method is not None:
+                    if not batch:
+                        opened = time.monotonic()
+                    batch.append((method, props, body))
+                full = len(batch) >= s.worker_batch_size
+                if batch and (full or time.monotonic() - opened >= s.worker_batching_window_s):
+                    self.invoke(conn, ch, batch)
+                    batch = []
+            if batch:
+                ch.basic_nack(batch[-1][0].delivery_tag, multiple=True, requeue=True)
+            ch.cancel()
+        finally:
+            if conn.is_open:
+                conn.close()
+
+    def invoke(self, conn: pika.BlockingConnection, ch: Any, batch: list[Any]) -> None:
+        s = self.settings
+        event = build_event(
+            self.queue,
+            vhost_of(s.rabbitmq_url),
+            [
+                (
+                    body,
+                    method.redelivered,
+                    basic_properties(
+                        props.content_type,
+                        props.headers,
+                        props.delivery_mode,
+                        len(body),
+                        message_id=props.message_id,
+                        expiration=props.expiration,
+                        timestamp=props.timestamp,
+                        priority=props.priority,
+                        correlation_id=props.correlation_id,
+                        reply_to=props.reply_to,
+                        type=props.type,
+                        app_id=props.app_id,
+                        user_id=props.user_id,
+                    ),
+                )
+                for method, props, body in batch
+            ],
+        )
+        context = LambdaContext(time.monotonic() + s.worker_timeout_s, aws_request_id=str(uuid.uuid4()))
+        future: Future[Any] = self.invoker.submit(self.handler, event, context)
+        while not future.done():
+            conn.process_data_events(time_limit=0.2)  # keeps heartbeats going
+        last = batch[-1][0].delivery_tag
+        if future.exception() is None:
+            ch.basic_ack(last, multiple=True)
+            self.failures = 0
+            return
+        self.failures += 1
+        log.error(
+            "handler failed on %s (%d messages), requeueing the batch: %r",
+            self.queue,
+            len(batch),
+            future.exception(),
+        )
+        ch.basic_nack(last, multiple=True, requeue=True)
+        self.stopping.wait(min(2.0**self.failures, 30.0))
+
+
+class Bridge:
+    def __init__(self, settings: Settings, sweeper: bool = True) -> None:
+        self.settings = settings
+        self.sweeper = sweeper
+        self.worker: Handler = load("worker", "worker").handler
+        self.consumers: dict[str, QueueConsumer] = {}
+        self.stopping = threading.Event()
+
+    def sync(self) -> None:
+        c = container()
+        wanted = {c.names(t, q).main for t, q in c.store.all_queues()}
+        for name in wanted - set(self.consumers):
+            consumer = QueueConsumer(self.settings, name, self.worker)
+            self.consumers[name] = consumer
+            consumer.start()
+            log.info("consuming %s", name)
+        for name in list(self.consumers):
+            consumer = self.consumers[name]
+            if name not in wanted or not consumer.is_alive():
+                consumer.stop()
+                del self.consumers[name]
+
+    def sweep_forever(self) -> None:
+        handler = load("sweeper", "sweeper").handler
+        while not self.stopping.wait(self.settings.sweeper_interval_s):
+            try:
+                handler(
+                    {"source": "aws.events", "detail-type": "Scheduled Event"},
+                    LambdaContext(time.monotonic() + 60, "sweeper"),
+                )
+            except Exception:
+                log.exception("sweeper run failed")
+
+    def run(self) -> None:
+        if self.sweeper:
+            threading.Thread(target=self.sweep_forever, name="sweeper", daemon=True).start()
+        while not self.stopping.is_set():
+            try:
+                self.sync()
+            except Exception as exc:
+                log.warning("cannot list queues: %s", exc)
+            self.stopping.wait(self.settings.queue_poll_s)
+        for consumer in self.consumers.values():
+            consumer.stop()
+        for consumer in self.consumers.values():
+            consumer.join(timeout=5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="local Amazon MQ event-source bridge")
+    parser.add_argument("--no-sweeper", action="store_true")
+    args = parser.parse_args()
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s bridge %(levelname)s %(message)s")
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    bridge = Bridge(settings, sweeper=not args.no_sweeper)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: bridge.stopping.set())
+    print(
+        f"bridge: batch size {settings.worker_batch_size}, window {settings.worker_batching_window_s}s",
+        flush=True,
+    )
+    bridge.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""A fake LLM provider that speaks OpenAI, Azure OpenAI, DeepSeek and Anthropic well enough for
+their official SDKs, with realistic latency and usage, and a hard rate limit per API key that
+it enforces with real 429s.
+
+    python -m local.fake_provider --port 8600 --latency-ms 200 --limit 100 --window 2
+
+Control endpoints (JSON):
+    GET  /_fake/stats              requests, 429s and the most requests seen in any window, per key
+    POST /_fake/config             {"latency_ms", "jitter_ms", "error_rate", "limit", "window",
+                                    "keys": {"<api key>": {"limit": n, "window": s}}}
+    POST /_fake/reset              clear stats and per-key limits
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import signal
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+
+@dataclass
+class KeyStats:
+    limit: int = 0
+    window: float = 1.0
+    requests: int = 0
+    ok: int = 0
+    rate_limited: int = 0
+    server_errors: int = 0
+    max_in_window: int = 0
+    over_limit: int = 0
+    seen: deque[float] = field(default_factory=deque)
+    admitted: deque[float] = field(default_factory=deque)
+
+
+@dataclass
+class Settings:
+    latency_ms: float = 200.0
+    jitter_ms: float = 50.0
+    error_rate: float = 0.0
+    limit: int = 0
+    window: float = 1.0
+    keys: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class State:
+    def __init__(self, settings: Settings) -> None:
+        self.lock = threading.Lock()
+        self.settings = settings
+        self.stats: dict[str, KeyStats] = {}
+
+    def limit_for(self, key: str) -> tuple[int, float]:
+        own = self.settings.keys.get(key)
+        if own is not None:
+            return int(own.get("limit", 0)), float(own.get("window", 1.0))
+        return self.settings.limit, self.settings.window
+
+    def admit(self, key: str) -> tuple[bool, float, int, int]:
+        """Count the arrival; (admitted, seconds until a slot frees, remaining, limit)."""
+        now = time.monotonic()
+        with self.lock:
+            limit, window = self.limit_for(key)
+            st = self.stats.setdefault(key, KeyStats(limit=limit, window=window))
+            st.limit, st.window = limit, window
+            st.requests += 1
+            for q in (st.seen, st.admitted):
+                while q and q[0] <= now - window:
+                    q.popleft()
+            st.seen.append(now)
+            st.max_in_window = max(st.max_in_window, len(st.seen))
+            if limit and len(st.seen) > limit:
+                st.over_limit += 1
+            if limit and len(st.admitted) >= limit:
+                st.rate_limited += 1
+                return False, st.admitted[0] + window - now, 0, limit
+            st.admitted.append(now)
+            remaining = limit - len(st.admitted) if limit else 1_000_000
+            return True, 0.0, remaining, limit
+
+    def record(self, key: str, ok: bool) -> None:
+        with self.lock:
+            st = self.stats[key]
+            if ok:
+                st.ok += 1
+            else:
+                st.server_errors += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            keys = {
+                k: {f: v for f, v in asdict(s).items() if f not in ("seen", "admitted")}
+                for k, s in self.stats.items()
+            }
+            config = asdict(self.settings)
+        total = {
+            f: sum(k[f] for k in keys.values())
+            for f in ("requests", "ok", "rate_limited", "server_errors", "over_limit")
+        }
+        return {"total": total, "keys": keys, "config": config}
+
+
+def tokens(text: str) -> int:
+    """A rough tokenizer: about four characters a token, as OpenAI documents for English."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+def reply_for(prompt: str, max_tokens: int | None) -> tuple[str, int]:
+    text = f"Echo: {prompt}"
+    if max_tokens is not None and tokens(text) > max_tokens:
+        text = text[: max_tokens * 4]
+    return text, tokens(text)
+
+
+def content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def openai_completion(body: dict[str, Any], model: str) -> dict[str, Any]:
+    messages = body.get("messages") or []
+    prompt = next((content_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
+    text, out_tokens = reply_for(prompt, body.get("max_tokens") or body.get("max_completion_tokens"))
+    in_tokens = sum(tokens(content_text(m.get("content"))) + 4 for m in messages) + 3
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "fp_fake",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": in_tokens,
+            "completion_tokens": out_tokens,
+            "total_tokens": in_tokens + out_tokens,
+        },
+    }
+
+
+def anthropic_message(body: dict[str, Any]) -> dict[str, Any]:
+    messages = body.get("messages") or []
+    prompt = next((content_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "")
+    text, out_tokens = reply_for(prompt, body.get("max_tokens"))
+    in_tokens = sum(tokens(content_text(m.get("content"))) for m in messages)
+    in_tokens += tokens(content_text(body.get("system") or "")) if body.get("system") else 0
+    return {
+        "id": f"msg_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": body.get("model", "claude"),
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": in_tokens, "output_tokens": out_tokens},
+    }
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "FakeProvider/1.0"
+    state: State
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return
+
+    def send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def read_json(self) -> Any:
+        length = int(self.headers.get("content-length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        return json.loads(raw or b"{}")
+
+    def do_GET(self) -> None:
+        if urlsplit(self.path).path == "/_fake/stats":
+            self.send_json(200, self.state.snapshot())
+        elif urlsplit(self.path).path == "/health":
+            self.send_json(200, {"status": "ok"})
+        else:
+            self.send_json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+
+    def do_POST(self) -> None:
+        url = urlsplit(self.path)
+        try:
+            body = self.read_json()
+        except ValueError:
+            self.send_json(400, {"error": {"message": "invalid JSON body", "type": "invalid_request_error"}})
+            return
+        path = url.path
+        if path == "/_fake/config":
+            self.configure(body)
+        elif path == "/_fake/reset":
+            with self.state.lock:
+                self.state.stats.clear()
+                self.state.settings.keys.clear()
+            self.send_json(200, {"reset": True})
+        elif path in ("/v1/chat/completions", "/chat/completions"):
+            key = (self.headers.get("authorization") or "").removeprefix("Bearer ").strip()
+            self.chat("openai", key, body, str(body.get("model", "gpt-4o-mini")))
+        elif path.startswith("/openai/deployments/") and path.endswith("/chat/completions"):
+            if "api-version" not in parse_qs(url.query):
+                self.send_json(404, {"error": {"code": "404", "message": "Resource not found"}})
+                return
+            deployment = path.split("/")[3]
+            self.chat("openai", self.headers.get("api-key") or "", body, deployment)
+        elif path == "/v1/messages":
+            self.chat("anthropic", self.headers.get("x-api-key") or "", body, "")
+        else:
+            self.send_json(
+                404, {"error": {"message": f"unknown path {path}", "type": "invalid_request_error"}}
+            )
+
+    def configure(self, body: dict[str, Any]) -> None:
+        with self.state.lock:
+            s = self.state.settings
+            for name in ("latency_ms", "jitter_ms", "error_rate", "limit", "window"):
+                if name in body:
+                    setattr(s, name, type(getattr(s, name))(body[name]))
+            s.keys.update(body.get("keys") or {})
+            current = asdict(s)
+        self.send_json(200, current)
+
+    def error(
+        self, dialect: str, status: int, kind: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        if dialect == "anthropic":
+            body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+        else:
+            body = {
+                "error": {
+                    "message": message,
+                    "type": kind,
+                    "param": None,
+                    "code": "rate_limit_exceeded" if status == 429 else kind,
+                }
+            }
+        self.send_json(status, body, headers)
+
+    def chat(self, dialect: str, key: str, body: dict[str, Any], model: str) -> None:
+        if not key:
+            self.error(dialect, 401, "authentication_error", "No API key provided.")
+            return
+        if not body.get("messages"):
+            self.error(dialect, 400, "invalid_request_error", "messages: field required")
+            return
+        admitted, retry_s, remaining, limit = self.state.admit(key)
+        reset = datetime.now(UTC) + timedelta(seconds=retry_s)
+        if dialect == "anthropic":
+            headers = {
+                "anthropic-ratelimit-requests-limit": str(limit),
+                "anthropic-ratelimit-requests-remaining": str(remaining),
+                "anthropic-ratelimit-requests-reset": reset.isoformat(),
+            }
+        else:
+            headers = {
+                "x-ratelimit-limit-requests": str(limit),
+                "x-ratelimit-remaining-requests": str(remaining),
+                "x-ratelimit-reset-requests": f"{retry_s:.3f}s",
+            }
+        if not admitted:
+            headers["retry-after"] = str(max(1, math.ceil(retry_s)))
+            headers["retry-after-ms"] = str(max(1, math.ceil(retry_s * 1000)))
+            kind = "rate_limit_error" if dialect == "anthropic" else "requests"
+            self.error(dialect, 429, kind, f"Rate limit reached: {limit} requests per window.", headers)
+            return
+        s = self.state.settings
+        delay = max(0.0, s.latency_ms + random.uniform(-s.jitter_ms, s.jitter_ms)) / 1000
+        time.sleep(delay)
+        if s.error_rate and random.random() < s.error_rate:
+            self.state.record(key, ok=False)
+            self.error(
+                dialect,
+                500,
+                "api_error" if dialect == "anthropic" else "server_error",
+                "The server had an error while processing your request.",
+            )
+            return
+        self.state.record(key, ok=True)
+        out = anthropic_message(body) if dialect == "anthropic" else openai_completion(body, model)
+        headers["x-request-id"] = f"req_{uuid.uuid4().hex[:16]}"
+        self.send_json(200, out, headers)
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512
+
+
+def serve(host: str, port: int, settings: Settings) -> Server:
+    handler = type("BoundHandler", (Handler,), {"state": State(settings)})
+    return Server((host, port), handler)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8600)
+    parser.add_argument("--latency-ms", type=float, default=200.0)
+    parser.add_argument("--jitter-ms", type=float, default=50.0)
+    parser.add_argument("--error-rate", type=float, default=0.0)
+    parser.add_argument("--limit", type=int, default=0, help="requests per window, 0 = none")
+    parser.add_argument("--window", type=float, default=1.0)
+    a = parser.parse_args()
+    server = serve(a.host, a.port, Settings(a.latency_ms, a.jitter_ms, a.error_rate, a.limit, a.window))
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    print(f"fake provider on http://{a.host}:{a.port}", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

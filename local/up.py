@@ -1,0 +1,131 @@
+"""Run the whole service in the foreground: fake provider, API, event-source bridge + worker.
+
+    python -m local.up [--workers N]
+
+Checks the services first, creates the database if missing and applies migrations.
+Ctrl-C or SIGTERM stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from ai_rate_limiter.config import Settings
+from ai_rate_limiter.migrate import ensure_database, migrate
+
+from local.services_check import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def spawn(module: str, *args: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+    }
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env)
+
+
+def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if any(p.poll() is not None for p in procs):
+            return False
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def banner(s: Settings, fake: str) -> str:
+    api = f"http://{s.api_host}:{s.api_port}"
+    return f"""
+AI Rate Limiter is running
+  API            {api}   (GET {api}/health)
+  fake provider  {fake}   (GET {fake}/_fake/stats)
+  worker         event-source bridge on {s.rabbitmq_url.rsplit("@", 1)[-1]}, batch size
+                 {s.worker_batch_size}, window {s.worker_batching_window_s}s
+Try:
+  curl -s -X POST {api}/queue/create -H 'Content-Type: application/json' -d '{{"queue_id":
+    "demo", "providers": [{{"provider_name": "Fake OpenAI", "provider_type": "openai",
+    "api_key": "sk-demo", "limit": 60, "time_window": 60,
+    "config": {{"model": "gpt-4o-mini", "endpoint": "{fake}"}}}}]}}'
+  curl -s -X POST {api}/message/create -H 'Content-Type: application/json' \\
+    -d '{{"queue_id": "demo", "prompt": "Hello"}}'
+Ctrl-C stops everything.
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="run the whole service locally")
+    parser.add_argument("--workers", type=int, default=1, help="bridge (worker) processes")
+    parser.add_argument("--fake-latency-ms", default=os.environ.get("FAKE_LATENCY_MS", "200"))
+    args = parser.parse_args()
+    s = Settings.from_env()
+    if not report(s):
+        return 1
+    ensure_database(s.database_url)
+    applied = migrate(s.database_url)
+    print(f"database ready ({len(applied)} migration(s) applied)", flush=True)
+    fake = f"http://{s.api_host}:{s.fake_provider_port}"
+    procs = [
+        spawn(
+            "local.fake_provider",
+            "--host",
+            s.api_host,
+            "--port",
+            str(s.fake_provider_port),
+            "--latency-ms",
+            str(args.fake_latency_ms),
+        ),
+        spawn("local.api_server"),
+    ]
+    procs += [spawn("local.bridge", *([] if i == 0 else ["--no-sweeper"])) for i in range(args.workers)]
+    stopping = False
+
+    def on_signal(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        if not wait_ready(f"http://{s.api_host}:{s.api_port}/health", procs):
+            print("the stack did not come up; stopping", file=sys.stderr)
+            return 1
+        print(banner(s, fake), flush=True)
+        while not stopping:
+            if any(p.poll() is not None for p in procs):
+                print("a component exited; stopping everything", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        stop(procs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
