@@ -213,6 +213,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(400, {"error": {"message": "invalid JSON body", "type": "invalid_request_error"}})
             return
         path = url.path
+        bearer = (self.headers.get("authorization") or "").removeprefix("Bearer ").strip()
         if path == "/_fake/config":
             self.configure(body)
         elif path == "/_fake/reset":
@@ -221,16 +222,15 @@ class Handler(BaseHTTPRequestHandler):
                 self.state.settings.keys.clear()
             self.send_json(200, {"reset": True})
         elif path in ("/v1/chat/completions", "/chat/completions"):
-            key = (self.headers.get("authorization") or "").removeprefix("Bearer ").strip()
-            self.chat("openai", key, body, str(body.get("model", "gpt-4o-mini")))
+            self.chat("openai", bearer, body, str(body.get("model", "gpt-4o-mini")))
         elif path.startswith("/openai/deployments/") and path.endswith("/chat/completions"):
             if "api-version" not in parse_qs(url.query):
                 self.send_json(404, {"error": {"code": "404", "message": "Resource not found"}})
                 return
             deployment = path.split("/")[3]
-            self.chat("openai", self.headers.get("api-key") or "", body, deployment)
+            self.chat("openai", self.headers.get("api-key") or bearer, body, deployment)
         elif path == "/v1/messages":
-            self.chat("anthropic", self.headers.get("x-api-key") or "", body, "")
+            self.chat("anthropic", self.headers.get("x-api-key") or bearer, body, "")
         else:
             self.send_json(
                 404, {"error": {"message": f"unknown path {path}", "type": "invalid_request_error"}}

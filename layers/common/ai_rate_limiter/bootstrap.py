@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from functools import cached_property
 
-from .adapters.egress import http_client
+from .adapters.egress import http_client, sdk_http_client
 from .adapters.postgres import Database, Store
 from .adapters.providers import ProviderGateway
 from .adapters.rabbitmq import Broker
@@ -37,7 +37,7 @@ class Container:
 
     @cached_property
     def providers(self) -> ProviderGateway:
-        http = http_client(self.settings.provider_timeout_s, self.settings.worker_concurrency)
+        http = sdk_http_client(self.settings.provider_timeout_s, self.settings.worker_concurrency)
         return ProviderGateway(http, self.settings.provider_timeout_s)
 
     @cached_property

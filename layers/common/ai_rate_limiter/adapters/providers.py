@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import anthropic
-import httpx
+import httpx2
 import openai
 
 from ..domain.backoff import retry_after_s
@@ -46,7 +46,7 @@ def classify(exc: Exception, provider: Provider) -> ProviderError:
         return ProviderUnavailable(f"{provider.name}: connection failed")
     status = getattr(exc, "status_code", None)
     response = getattr(exc, "response", None)
-    headers = dict(response.headers) if isinstance(response, httpx.Response) else {}
+    headers = dict(response.headers) if isinstance(response, httpx2.Response) else {}
     message = scrub(f"{provider.name}: HTTP {status}: {getattr(exc, 'message', exc)}", provider)
     if status == 429:
         if "insufficient_quota" in str(getattr(exc, "body", "") or "") + message:
@@ -60,7 +60,7 @@ def classify(exc: Exception, provider: Provider) -> ProviderError:
 class ProviderGateway:
     """Builds one SDK client per provider version and calls it; thread-safe."""
 
-    def __init__(self, http: httpx.Client, timeout_s: float) -> None:
+    def __init__(self, http: httpx2.Client, timeout_s: float) -> None:
         self.http = http
         self.timeout_s = timeout_s
         self._clients: dict[tuple[str, str], Any] = {}

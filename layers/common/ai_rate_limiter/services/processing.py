@@ -47,26 +47,27 @@ class Deadline:
         return self.at - time.monotonic()
 
 
-def message_ids(event: Mapping[str, Any]) -> list[str]:
-    """Message ids in delivery order; malformed bodies are logged and skipped (and acked)."""
-    ids = []
+def message_ids(event: Mapping[str, Any]) -> tuple[list[str], int]:
+    """Message ids in delivery order, and how many bodies were malformed (logged and acked)."""
+    ids, malformed = [], 0
     for d in parse_event(event):
         try:
             ids.append(str(uuid.UUID(json.loads(d.data)["message_id"])))
         except (ValueError, KeyError, TypeError):
             log.warning("skipping a malformed message on %s (%d bytes)", d.queue, len(d.data))
-    return list(dict.fromkeys(ids))
+            malformed += 1
+    return list(dict.fromkeys(ids)), malformed
 
 
 def handle_event(c: Container, event: Mapping[str, Any], remaining_s: float) -> dict[str, int]:
     deadline = Deadline.after(remaining_s)
-    ids = message_ids(event)
+    ids, malformed = message_ids(event)
     claimed = c.store.claim(ids, lease_s=remaining_s + 30)
-    outcomes: Counter[str] = Counter(skipped=len(ids) - len(claimed))
+    outcomes: Counter[str] = Counter(malformed=malformed, skipped=len(ids) - len(claimed))
     if len(claimed) < len(ids):
         outcomes["parked"] = park_held(c, set(ids) - {m.id for m in claimed})
     if not claimed:
-        return dict(outcomes)
+        return dict(+outcomes)
     providers: dict[tuple[str, str], list[Provider]] = {}
     for m in claimed:
         key = (m.tenant_id, m.queue_id)
@@ -86,7 +87,7 @@ def handle_event(c: Container, event: Mapping[str, Any], remaining_s: float) -> 
         c.store.finish_batch_if_done(batch_id)
     if errors:
         raise errors[0]  # only DependencyUnavailable gets here: redeliver the whole batch
-    return dict(outcomes)
+    return dict(+outcomes)
 
 
 def park_held(c: Container, ids: set[str]) -> int:

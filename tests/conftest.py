@@ -1,0 +1,102 @@
+"""Shared fixtures. Tiers by folder: unit (no I/O), integration (real services), e2e (HTTP).
+
+Tests that need PostgreSQL, Redis or RabbitMQ fail, not skip, when one is unreachable.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from ai_rate_limiter.bootstrap import Container
+from ai_rate_limiter.config import Settings
+from ai_rate_limiter.migrate import ensure_database, migrate
+
+from local import fake_provider
+from local.services_check import unreachable
+
+TABLES = "messages, batches, queue_providers, queues, providers"
+
+
+def base_settings(**overrides: Any) -> Settings:
+    env = {
+        "DATABASE_URL": os.environ.get(
+            "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/ai_rate_limiter_test"
+        ),
+        "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15"),
+        "RABBITMQ_URL": os.environ.get("TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"),
+        "BROKER_PREFIX": f"airltest{os.getpid()}",
+        "WORKER_TIMEOUT_S": "60",
+        "PROVIDER_TIMEOUT_S": "10",
+        "WEBHOOK_TIMEOUT_S": "3",
+    }
+    return replace(Settings.from_env(env), **overrides)
+
+
+@pytest.fixture(scope="session")
+def services() -> None:
+    down = unreachable(base_settings())
+    if down:
+        pytest.fail(f"required services unreachable: {down}")
+
+
+@pytest.fixture(scope="session")
+def settings(services: None) -> Settings:
+    s = base_settings()
+    ensure_database(s.database_url)
+    migrate(s.database_url)
+    return s
+
+
+@pytest.fixture()
+def container(settings: Settings) -> Iterator[Container]:
+    """A container on flushed services: empty tables, an empty Redis database."""
+    c = Container(settings)
+    with c.db.tx() as cur:
+        cur.execute(f"TRUNCATE {TABLES}")
+    redis.Redis.from_url(settings.redis_url).flushdb()
+    yield c
+    for tenant, queue_id in c.store.all_queues():
+        c.broker.delete(c.names(tenant, queue_id))
+    c.close()
+
+
+class FakeProvider:
+    def __init__(self) -> None:
+        self.server = fake_provider.serve("127.0.0.1", 0, fake_provider.Settings(latency_ms=5, jitter_ms=2))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def configure(self, **config: Any) -> dict[str, Any]:
+        return httpx.post(f"{self.url}/_fake/config", json=config).json()
+
+    def reset(self) -> None:
+        httpx.post(f"{self.url}/_fake/reset", json={})
+        self.configure(latency_ms=5, jitter_ms=2, error_rate=0, limit=0, window=1)
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(f"{self.url}/_fake/stats").json()
+
+
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[FakeProvider]:
+    fake = FakeProvider()
+    yield fake
+    fake.server.shutdown()
+
+
+@pytest.fixture()
+def fake(fake_server: FakeProvider) -> FakeProvider:
+    fake_server.reset()
+    return fake_server
+
+
+def random_key() -> str:
+    return f"sk-test-{uuid.uuid4().hex}"

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import time
+import uuid
+
+import pika
+import pytest
+from ai_rate_limiter.adapters.rabbitmq import connection_parameters
+from ai_rate_limiter.bootstrap import Container
+from ai_rate_limiter.errors import NotFound
+
+
+def declare(c: Container) -> str:
+    queue_id = f"b-{uuid.uuid4().hex[:8]}"
+    c.broker.declare(c.names("default", queue_id))
+    return queue_id
+
+
+def channel(c: Container) -> tuple[pika.BlockingConnection, object]:
+    conn = pika.BlockingConnection(connection_parameters(c.settings.rabbitmq_url))
+    return conn, conn.channel()
+
+
+def test_queues_are_durable_quorum_queues_with_a_dead_letter_queue(container: Container) -> None:
+    names = container.names("default", declare(container))
+    conn, ch = channel(container)
+    try:
+        ch.queue_declare(names.main, passive=True)  # type: ignore[attr-defined]
+        ch.queue_declare(names.dead_letter, passive=True)  # type: ignore[attr-defined]
+        # Redeclaring as a classic queue is refused: it really is a quorum queue.
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
+            ch.queue_declare(names.main, durable=True)  # type: ignore[attr-defined]
+        assert err.value.reply_code == 406
+    finally:
+        conn.close()
+    container.broker.delete(names)
+
+
+def test_published_messages_are_persistent_and_confirmed(container: Container) -> None:
+    names = container.names("default", declare(container))
+    container.broker.publish(names.main, [b'{"n": 1}', b'{"n": 2}'])
+    conn, ch = channel(container)
+    try:
+        _method, props, body = ch.basic_get(names.main, auto_ack=True)  # type: ignore[attr-defined]
+        assert body == b'{"n": 1}' and props.delivery_mode == 2
+    finally:
+        conn.close()
+
+
+def test_publishing_to_a_missing_queue_is_not_silently_dropped(container: Container) -> None:
+    with pytest.raises(NotFound):
+        container.broker.publish(f"airltest.missing.{uuid.uuid4().hex}", [b"{}"])
+    container.broker.ping()  # the shared channel recovered
+
+
+def test_delayed_messages_come_back_to_the_main_queue(container: Container) -> None:
+    names = container.names("default", declare(container))
+    container.broker.publish_delayed(names, b'{"later": true}', 0.3)
+    conn, ch = channel(container)
+    try:
+        assert ch.basic_get(names.main, auto_ack=True)[0] is None  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 5
+        body = None
+        while body is None and time.monotonic() < deadline:
+            body = ch.basic_get(names.main, auto_ack=True)[2]  # type: ignore[attr-defined]
+            time.sleep(0.05)
+        assert body == b'{"later": true}'
+    finally:
+        conn.close()
+
+
+def test_deleting_removes_all_three_queues(container: Container) -> None:
+    names = container.names("default", declare(container))
+    container.broker.delete(names)
+    for name in (names.main, names.delay, names.dead_letter):
+        conn, ch = channel(container)
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+            ch.queue_declare(name, passive=True)  # type: ignore[attr-defined]
+        conn.close()

@@ -1,0 +1,80 @@
+"""The shared limiter against real Redis, from one process and from several."""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import time
+import uuid
+
+from ai_rate_limiter.adapters.redis_limiter import RedisLimiter
+from ai_rate_limiter.bootstrap import Container
+from ai_rate_limiter.domain.limits import Limit
+
+
+def limit(interval_ms: float) -> Limit:
+    return Limit(f"test:{uuid.uuid4().hex}", int(interval_ms * 1000))
+
+
+def test_slots_are_paced_one_interval_apart(container: Container) -> None:
+    lim, one = container.limiter, limit(100)
+    waits = [lim.reserve([[one]], max_wait_s=10).wait_s for _ in range(5)]
+    for i, w in enumerate(waits):
+        assert abs(w - 0.1 * i) < 0.02, waits
+
+
+def test_a_slot_beyond_max_wait_is_not_taken(container: Container) -> None:
+    lim, one = container.limiter, limit(500)
+    assert lim.reserve([[one]], 0).reserved
+    refused = lim.reserve([[one]], 0.1)
+    assert not refused.reserved and 0.3 < refused.wait_s <= 0.5
+    taken = lim.reserve([[one]], 1)
+    assert taken.reserved and abs(taken.wait_s - refused.wait_s) < 0.05
+
+
+def test_the_candidate_with_the_soonest_slot_wins(container: Container) -> None:
+    lim, slow, fast = container.limiter, limit(1000), limit(10)
+    picks = [lim.reserve([[slow], [fast]], 10).index for _ in range(20)]
+    assert picks[0] == 0  # both free: the first listed
+    assert picks.count(1) >= 18
+
+
+def test_all_limits_of_a_candidate_are_committed_together(container: Container) -> None:
+    lim, a, b = container.limiter, limit(100), limit(300)
+    first = lim.reserve([[a, b]], 10)
+    second = lim.reserve([[a, b]], 10)
+    assert first.wait_s < 0.01 and abs(second.wait_s - 0.3) < 0.02
+
+
+def _reserve_many(url: str, key: str, interval_us: int, n: int, out: multiprocessing.Queue[float]) -> None:
+    lim = RedisLimiter(url)
+    for _ in range(n):
+        r = lim.reserve([[Limit(key, interval_us)]], 60)
+        out.put(time.time() + r.wait_s)
+
+
+def test_processes_share_one_limit(container: Container) -> None:
+    """Four processes, one key: the granted start times are one interval apart, none closer."""
+    key, interval_s = f"test:{uuid.uuid4().hex}", 0.01
+    out: multiprocessing.Queue[float] = multiprocessing.Queue()
+    procs = [
+        multiprocessing.Process(
+            target=_reserve_many, args=(container.settings.redis_url, key, 10_000, 25, out)
+        )
+        for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    starts = sorted(out.get(timeout=30) for _ in range(100))
+    for p in procs:
+        p.join()
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) > interval_s * 0.5  # clock-read jitter between processes, not overlap
+    assert abs((starts[-1] - starts[0]) - 99 * interval_s) < 0.1
+
+
+def test_idle_keys_expire(container: Container) -> None:
+    one = limit(200)
+    container.limiter.reserve([[one]], 1)
+    ttl_ms = container.limiter.client.pttl(one.key)
+    assert 0 < ttl_ms <= 1300

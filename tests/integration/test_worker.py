@@ -1,0 +1,173 @@
+"""The worker handler on real events from RabbitMQ, against Postgres, Redis and the fake provider."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from ai_rate_limiter.bootstrap import Container
+from ai_rate_limiter.errors import DependencyUnavailable
+from ai_rate_limiter.services import messages, processing
+
+from local.functions import load
+from tests.conftest import FakeProvider
+
+from .conftest import Context, make_queue, take_event
+
+T = "default"
+
+
+def submit(c: Container, queue_id: str, *prompts: str) -> list[str]:
+    if len(prompts) == 1:
+        return [messages.submit(c, T, {"queue_id": queue_id, "prompt": prompts[0]})["message_id"]]
+    batch = messages.submit(c, T, {"queue_id": queue_id, "messages": [{"prompt": p} for p in prompts]})
+    return [
+        m["message_id"]
+        for m in __import__("ai_rate_limiter.services.batches", fromlist=["x"]).messages(
+            c, T, batch["batch_id"], {}
+        )["messages"]
+    ]
+
+
+def run(c: Container, queue_id: str, n: int) -> dict[str, int]:
+    return processing.handle_event(c, take_event(c, queue_id, n), 30)
+
+
+@pytest.mark.parametrize("kind", ["openai", "azure", "deepseek", "anthropic", "claude"])
+def test_each_provider_type_answers_through_its_sdk(
+    container: Container, fake: FakeProvider, kind: str
+) -> None:
+    extra = {
+        "provider_type": kind,
+        "config": {
+            "endpoint": fake.url,
+            "deployment": "gpt4o-dep",
+            "api_version": "2024-10-21",
+            "max_tokens": 50,
+        },
+    }
+    q = make_queue(container, fake.url, extra)
+    [mid] = submit(container, q, f"Hello {kind}")
+    assert run(container, q, 1) == {"completed": 1}
+    m = messages.read(container, T, mid)
+    assert m["status"] == "completed"
+    assert m["response"] == f"Echo: Hello {kind}"
+    assert m["usage"]["prompt_tokens"] > 0 and m["usage"]["completion_tokens"] > 0
+    assert m["provider"]["provider_name"] == "fake" and m["attempts"] == 1
+    assert m["latency_ms"] >= 0 and m["finished_at"]
+    assert fake.stats()["total"]["ok"] == 1
+
+
+def test_the_lambda_handler_takes_the_event_and_context(
+    container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = load("worker", "worker")
+    monkeypatch.setattr(worker, "container", lambda: container)
+    q = make_queue(container, fake.url)
+    submit(container, q, "a", "b", "c")
+    result = worker.handler(take_event(container, q, 3), Context(30))
+    assert result["completed"] == 3
+
+
+def test_the_aws_sample_event_is_handled_without_raising(container: Container) -> None:
+    event = json.loads((Path(__file__).parents[1] / "events" / "rmq_sample_event.json").read_text())
+    assert processing.handle_event(container, event, 30) == {"malformed": 1}
+
+
+def test_a_redelivered_completed_message_is_not_sent_again(container: Container, fake: FakeProvider) -> None:
+    q = make_queue(container, fake.url)
+    submit(container, q, "once")
+    event = take_event(container, q, 1)
+    assert processing.handle_event(container, event, 30)["completed"] == 1
+    for m in event["rmqMessagesByQueue"].values():
+        m[0]["redelivered"] = True
+    assert processing.handle_event(container, event, 30) == {"skipped": 1}
+    assert fake.stats()["total"]["requests"] == 1
+
+
+def test_a_rejected_request_fails_at_once_with_the_providers_message(
+    container: Container, fake: FakeProvider
+) -> None:
+    q = make_queue(container, "http://unused", {"config": {"endpoint": f"{fake.url}/nope"}})
+    [mid] = submit(container, q, "x")
+    assert run(container, q, 1)["failed"] == 1
+    m = messages.read(container, T, mid)
+    assert m["status"] == "failed" and m["attempts"] == 1
+    assert "HTTP 404" in m["last_error"] and "unknown path" in m["last_error"]
+
+
+def test_server_errors_are_retried_until_an_answer(
+    container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(processing, "backoff_s", lambda attempt: 0.01)
+    fake.configure(error_rate=0.5)
+    q = make_queue(container, fake.url)
+    ids = submit(container, q, *[f"p{i}" for i in range(10)])
+    assert run(container, q, 10)["completed"] == 10
+    stats = fake.stats()["total"]
+    assert stats["server_errors"] > 0
+    tries = [messages.read(container, T, i)["attempts"] for i in ids]
+    assert sum(tries) == stats["requests"]
+
+
+def test_after_max_attempts_the_message_fails_with_the_last_error(
+    container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(processing, "backoff_s", lambda attempt: 0.01)
+    fake.configure(error_rate=1.0)
+    q = make_queue(container, fake.url)
+    [mid] = submit(container, q, "doomed")
+    assert run(container, q, 1)["failed"] == 1
+    m = messages.read(container, T, mid)
+    assert m["attempts"] == container.settings.max_attempts
+    assert "gave up after 5 attempts" in m["last_error"] and "HTTP 500" in m["last_error"]
+
+
+def test_a_429_is_waited_out_for_as_long_as_retry_after_says(
+    container: Container, fake: FakeProvider
+) -> None:
+    """The fake provider allows 1 request per second but our provider claims 100/s."""
+    q = make_queue(container, fake.url, {"limit": 100})
+    key = container.store.queue_providers(T, q)[0][0]["api_key"]
+    fake.configure(keys={key: {"limit": 1, "window": 1.0}})
+    started = time.monotonic()
+    assert run(container, q, 0) == {}
+    submit(container, q, "a", "b")
+    assert run(container, q, 2)["completed"] == 2
+    assert time.monotonic() - started >= 0.9  # the second waited for the window to pass
+    assert fake.stats()["keys"][key]["rate_limited"] >= 1
+
+
+def test_work_that_cannot_start_in_time_is_deferred_not_failed(
+    container: Container, fake: FakeProvider
+) -> None:
+    q = make_queue(container, fake.url, {"limit": 1, "time_window": 30})
+    ids = submit(container, q, "now", "much later")
+    result = processing.handle_event(container, take_event(container, q, 2), 20)
+    assert result == {"completed": 1, "deferred": 1}
+    statuses = sorted(messages.read(container, T, i)["status"] for i in ids)
+    assert statuses == ["completed", "queued"]
+    # The deferred one is parked in the delay queue, not lost.
+    names = container.names(T, q)
+    assert (
+        container.broker._run(lambda ch: ch.queue_declare(names.delay, passive=True)).method.message_count
+        == 1
+    )
+
+
+def test_redis_down_releases_the_message_and_redelivers_the_batch(
+    container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q = make_queue(container, fake.url)
+    [mid] = submit(container, q, "wait for redis")
+
+    def down(*_: object, **__: object) -> None:
+        raise DependencyUnavailable("redis: connection refused")
+
+    monkeypatch.setattr(container.limiter, "reserve", down)
+    with pytest.raises(DependencyUnavailable):
+        run(container, q, 1)
+    m = messages.read(container, T, mid)
+    assert m["status"] == "queued" and fake.stats()["total"]["requests"] == 0

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from ai_rate_limiter.config import Settings
+from ai_rate_limiter.domain.backoff import backoff_s, retry_after_s
+from ai_rate_limiter.domain.limits import request_limit
+from ai_rate_limiter.domain.models import ChatRequest, Provider, ProviderType, mask_key
+from ai_rate_limiter.domain.names import broker_names, queue_from_broker_name
+from ai_rate_limiter.domain.progress import batch_progress
+
+
+def provider(**kw: object) -> Provider:
+    base: dict[str, object] = dict(
+        id="p1", name="P", type=ProviderType.OPENAI, api_key="sk-abcdef123456", limit=100, time_window=2.0
+    )
+    return Provider(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    assert [backoff_s(n, base=0.5, rand=1.0) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
+    assert backoff_s(30, cap=30.0, rand=1.0) == 30.0
+    assert 0 <= backoff_s(3) <= 2.0
+
+
+def test_retry_after_prefers_milliseconds() -> None:
+    assert retry_after_s({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    assert retry_after_s({"Retry-After": "3"}) == 3.0
+    assert retry_after_s({}) is None
+    assert retry_after_s({"retry-after": "soon"}) is None
+
+
+def test_retry_after_as_an_http_date() -> None:
+    assert (
+        retry_after_s(
+            {"retry-after": "Sat, 28 Nov 2026 10:00:10 GMT"},
+            now=datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC).timestamp(),
+        )
+        == 10.0
+    )
+
+
+def test_request_limit_paces_evenly_with_the_margin() -> None:
+    limit = request_limit(provider(limit=100, time_window=2.0), margin=0.01)
+    assert limit.increment_us == 20_200
+    assert limit.tolerance_us == 0
+
+
+def test_the_limit_is_keyed_by_key_and_model_not_by_record() -> None:
+    a, b = provider(id="a"), provider(id="b")
+    assert request_limit(a, 0).key == request_limit(b, 0).key
+    other_model = provider(config={"model": "gpt-4o"})
+    assert request_limit(a, 0).key != request_limit(other_model, 0).key
+    assert "sk-abcdef123456" not in request_limit(a, 0).key
+
+
+def test_masked_keys_show_at_most_the_tail() -> None:
+    assert mask_key("sk-abcdef123456") == "****3456"
+    assert mask_key("short") == "****"
+
+
+def test_broker_names_round_trip() -> None:
+    names = broker_names("airl", "default", "my-queue")
+    assert names.main == "airl.default.my-queue"
+    assert queue_from_broker_name("airl", names.main) == ("default", "my-queue")
+    assert queue_from_broker_name("airl", names.dead_letter) is None
+    assert queue_from_broker_name("airl", names.delay) is None
+    assert queue_from_broker_name("other", names.main) is None
+
+
+def test_chat_request_round_trips_through_json() -> None:
+    req = ChatRequest(
+        messages=[{"role": "user", "content": "hi"}], system="be brief", max_tokens=5, extra={"top_p": 0.5}
+    )
+    assert ChatRequest.from_json(req.to_json()) == req
+
+
+def test_progress_counts_percent_and_eta() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    p = batch_progress(
+        100, {"completed": 20, "failed": 5, "queued": 75}, t0, t0 + timedelta(seconds=10), finished=False
+    )
+    assert (p.done, p.percent, p.status) == (25, 25.0, "processing")
+    assert p.eta_s == pytest.approx(30.0)
+    assert p.counts["cancelled"] == 0
+    done = batch_progress(2, {"completed": 2}, t0, t0, finished=True)
+    assert (done.status, done.eta_s, done.percent) == ("completed", 0.0, 100.0)
+    fresh = batch_progress(3, {"queued": 3}, t0, t0, finished=False)
+    assert (fresh.status, fresh.eta_s) == ("queued", None)
+
+
+def test_settings_come_from_the_environment_with_local_defaults() -> None:
+    s = Settings.from_env({"API_PORT": "9000", "LIMITER_MARGIN": "0.05"})
+    assert (s.api_port, s.limiter_margin) == (9000, 0.05)
+    assert s.public_base_url == "http://127.0.0.1:9000"
+    assert Settings.from_env({}).database_url.startswith("postgresql://")

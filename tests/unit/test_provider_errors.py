@@ -1,0 +1,68 @@
+"""How SDK exceptions map to retryable and permanent errors (no network)."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx2
+import openai
+import pytest
+from ai_rate_limiter.adapters.providers import classify, openai_base_url
+from ai_rate_limiter.domain.models import Provider, ProviderType
+from ai_rate_limiter.errors import ProviderRejected, ProviderUnavailable, QuotaExhausted, RateLimited
+
+KEY = "sk-secret-abcdefghijkl"
+P = Provider(id="p", name="P", type=ProviderType.OPENAI, api_key=KEY, limit=1, time_window=1)
+
+
+def status_error(
+    sdk: type, status: int, body: dict[str, object], headers: dict[str, str] | None = None
+) -> Exception:
+    """The exception the SDK itself raises for this HTTP response."""
+    request = httpx2.Request("POST", "http://fake/v1/chat/completions")
+    response = httpx2.Response(status, json=body, headers=headers or {}, request=request)
+    client = sdk.OpenAI(api_key="x") if sdk is openai else sdk.Anthropic(api_key="x")
+    return client._make_status_error_from_response(response)
+
+
+@pytest.mark.parametrize("sdk", [openai, anthropic])
+def test_429_is_rate_limited_with_retry_after(sdk: type) -> None:
+    err = classify(status_error(sdk, 429, {"error": {"message": "slow down"}}, {"retry-after-ms": "250"}), P)
+    assert isinstance(err, RateLimited)
+    assert err.retry_after_s == 0.25
+
+
+def test_insufficient_quota_is_permanent() -> None:
+    err = classify(
+        status_error(
+            openai, 429, {"error": {"code": "insufficient_quota", "message": "You exceeded your quota"}}
+        ),
+        P,
+    )
+    assert isinstance(err, QuotaExhausted)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 529])
+def test_5xx_is_retryable(status: int) -> None:
+    assert isinstance(
+        classify(status_error(anthropic, status, {"error": {"message": "x"}}), P), ProviderUnavailable
+    )
+
+
+def test_other_4xx_fail_at_once_with_the_providers_message_and_no_key() -> None:
+    err = classify(status_error(openai, 401, {"error": {"message": f"Incorrect API key {KEY}"}}), P)
+    assert isinstance(err, ProviderRejected) and not err.retryable
+    assert "Incorrect API key" in err.detail and KEY not in err.detail
+
+
+def test_timeouts_are_retryable() -> None:
+    request = httpx2.Request("POST", "http://fake")
+    assert isinstance(classify(openai.APITimeoutError(request), P), ProviderUnavailable)
+    assert isinstance(classify(anthropic.APIConnectionError(request=request), P), ProviderUnavailable)
+
+
+def test_openai_endpoints_written_without_v1_get_it() -> None:
+    assert openai_base_url(P) == "https://api.openai.com/v1"
+    seed = Provider(**{**P.__dict__, "config": {"endpoint": "https://api.openai.com"}})
+    assert openai_base_url(seed) == "https://api.openai.com/v1"
+    deepseek = Provider(**{**P.__dict__, "type": ProviderType.DEEPSEEK})
+    assert openai_base_url(deepseek) == "https://api.deepseek.com"
