@@ -17,9 +17,13 @@ app = Chalice(app_name="ai-rate-limiter")
 PROBLEM = "application/problem+json"
 
 
+def json_response(body: Any, status: int, content_type: str = "application/json") -> Response:
+    return Response(body=body, status_code=status, headers={"Content-Type": content_type})
+
+
 def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
-    return Response(body=body, status_code=status, headers={"Content-Type": PROBLEM})
+    return json_response(body, status, PROBLEM)
 
 
 def route(path: str, method: str, status: int = 200) -> Callable[[Callable[..., Any]], Any]:
@@ -32,7 +36,7 @@ def route(path: str, method: str, status: int = 200) -> Callable[[Callable[..., 
                 result = view(**params)
             except AppError as exc:
                 return problem(exc.status, exc.title, exc.detail, **exc.extra)
-            return result if isinstance(result, Response) else Response(result, status_code=status)
+            return result if isinstance(result, Response) else json_response(result, status)
 
         return app.route(path, methods=[method], content_types=["*/*"])(answer)
 
@@ -74,7 +78,7 @@ def query() -> dict[str, str]:
 @route("/health", "GET")
 def get_health() -> Response:
     ok, report = health.check(c())
-    return Response(report, status_code=200 if ok else 503)
+    return json_response(report, 200 if ok else 503)
 
 
 @route("/provider/create", "POST", 201)

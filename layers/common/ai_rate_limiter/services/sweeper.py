@@ -26,6 +26,11 @@ def webhook_payload(c: Container, batch: Row) -> Row:
     }
 
 
+def webhook_retry_s(attempts: int) -> float:
+    """2 s, 3 s, 5 s, 9 s ... up to 10 minutes between deliveries."""
+    return backoff_s(attempts, base=2.0, cap=600.0, rand=0.5) + 1.0
+
+
 def deliver_webhooks(c: Container, limit: int = 20) -> dict[str, int]:
     s = c.settings
     sent = failed = retrying = 0
@@ -40,8 +45,7 @@ def deliver_webhooks(c: Container, limit: int = 20) -> dict[str, int]:
             c.store.webhook_result(str(batch["id"]), "failed", error, 0)
             failed += 1
         else:
-            retry_s = backoff_s(attempts, base=2.0, cap=600.0, rand=0.5) + 1.0
-            c.store.webhook_result(str(batch["id"]), "pending", error, retry_s)
+            c.store.webhook_result(str(batch["id"]), "pending", error, webhook_retry_s(attempts))
             retrying += 1
     return {"webhooks_sent": sent, "webhooks_failed": failed, "webhooks_retrying": retrying}
 

@@ -1,0 +1,306 @@
+"""The Chalice app in process (chalice.test.Client) on the real Postgres, Redis and RabbitMQ."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from ai_rate_limiter.bootstrap import Container
+from ai_rate_limiter.services import processing
+from chalice.test import Client
+
+from local.functions import load
+from tests.conftest import FakeProvider, random_key
+
+from .conftest import take_event
+
+JSON = {"Content-Type": "application/json"}
+
+
+class Reply:
+    def __init__(self, status_code: int, headers: dict[str, str], body: bytes) -> None:
+        self.status_code, self.headers, self.body = status_code, headers, body
+        self.json = json.loads(body) if headers.get("content-type", "").endswith("json") else None
+
+
+class Api:
+    def __init__(self, client: Client) -> None:
+        self.http = client.http
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> Any:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        r = getattr(self.http, method)(path, headers=headers or JSON, body=data)
+        return Reply(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.body)
+
+
+@pytest.fixture()
+def api(container: Container, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
+    module = load("api", "app")
+    monkeypatch.setattr(module, "container", lambda: container)
+    with Client(module.app) as client:
+        yield Api(client)
+
+
+def provider(fake_url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "provider_name": "OpenAI",
+        "provider_type": "openai",
+        "api_key": random_key(),
+        "limit": 1000,
+        "time_window": 3600,
+        "config": {"model": "gpt-4o", "endpoint": fake_url},
+        **extra,
+    }
+
+
+def assert_problem(r: Any, status: int, *words: str) -> None:
+    assert r.status_code == status, r.body
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json["status"] == status and r.json["title"] and r.json["detail"]
+    for word in words:
+        assert word in r.json["detail"], r.json
+
+
+def count_rows(c: Container) -> tuple[int, ...]:
+    with c.db.tx() as cur:
+        cur.execute("""SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM batches),
+                              (SELECT count(*) FROM queues), (SELECT count(*) FROM providers)""")
+        return tuple(cur.fetchone().values())
+
+
+def test_health_names_each_dependency(api: Api) -> None:
+    r = api.call("get", "/health")
+    assert r.status_code == 200
+    assert r.json["dependencies"] == {"postgres": "ok", "redis": "ok", "rabbitmq": "ok"}
+
+
+def test_health_is_503_naming_the_dependency_that_is_down(
+    api: Api, container: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ai_rate_limiter.adapters.redis_limiter import RedisLimiter
+
+    monkeypatch.setattr(container, "limiter", RedisLimiter("redis://127.0.0.1:1/0"))
+    r = api.call("get", "/health")
+    assert r.status_code == 503
+    assert r.json["dependencies"]["redis"].startswith("down")
+    assert r.json["dependencies"]["postgres"] == "ok" and "redis" in r.json["detail"]
+
+
+def test_provider_lifecycle_never_shows_the_key(api: Api, fake: FakeProvider) -> None:
+    body = provider(fake.url)
+    created = api.call("post", "/provider/create", body)
+    assert created.status_code == 201
+    pid = created.json["provider_id"]
+    assert created.json["api_key"] == "****" + body["api_key"][-4:]
+    listed = api.call("get", "/providers")
+    got = api.call("get", f"/provider/{pid}")
+    patched = api.call("patch", f"/provider/update/{pid}", {"limit": 5, "config": {"model": "m2"}})
+    assert patched.status_code == 200
+    assert patched.json["limit"] == 5
+    assert patched.json["config"] == {"model": "m2", "endpoint": fake.url}
+    for r in (created, listed, got, patched):
+        assert body["api_key"] not in r.body.decode()
+    assert api.call("delete", f"/provider/delete/{pid}").status_code == 200
+    assert_problem(api.call("get", f"/provider/{pid}"), 404, pid)
+
+
+def test_provider_errors_change_nothing(api: Api, container: Container, fake: FakeProvider) -> None:
+    pid = api.call("post", "/provider/create", provider(fake.url)).json["provider_id"]
+    before = count_rows(container)
+    assert_problem(api.call("post", "/provider/create", {**provider(fake.url), "limit": -1}), 422, "limit")
+    assert_problem(api.call("patch", f"/provider/update/{pid}", {"provider_type": "nope"}), 422)
+    assert_problem(api.call("patch", f"/provider/update/{pid}", {}), 422, "Nothing to update")
+    assert_problem(api.call("patch", "/provider/update/not-a-uuid", {"limit": 1}), 404)
+    assert count_rows(container) == before
+    assert api.call("get", f"/provider/{pid}").json["limit"] == 1000
+
+
+def test_malformed_bodies(api: Api) -> None:
+    assert_problem(api.call("post", "/message/create", raw=b"{nope"), 400, "not valid JSON")
+    assert_problem(api.call("post", "/message/create", raw=b"[1, 2]"), 400, "JSON object")
+    assert_problem(
+        api.call(
+            "post",
+            "/message/create",
+            raw=b"queue_id=x",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ),
+        415,
+    )
+
+
+def test_queue_lifecycle_with_the_seed_body(api: Api, container: Container, fake: FakeProvider) -> None:
+    seed = {"queue_id": "my-queue-123", "providers": [provider(fake.url)]}
+    created = api.call("post", "/queue/create", seed)
+    assert created.status_code == 201
+    assert created.json["providers"][0]["provider_type"] == "openai"
+    assert created.json["counts"] == {
+        "queued": 0,
+        "processing": 0,
+        "completed": 0,
+        "failed": 0,
+        "cancelled": 0,
+    }
+    assert_problem(api.call("post", "/queue/create", seed), 409, "already exists")
+    shared = created.json["providers"][0]["provider_id"]
+    second = api.call("post", "/queue/create", {"queue_id": "second", "providers": [{"provider_id": shared}]})
+    assert second.status_code == 201
+    assert [q["queue_id"] for q in api.call("get", "/queues").json["queues"]] == ["my-queue-123", "second"]
+    assert_problem(api.call("delete", f"/provider/delete/{shared}"), 409, "my-queue-123")
+    assert api.call("delete", "/queue/second").status_code == 200
+    assert_problem(api.call("get", "/queue/second"), 404)
+    assert_problem(api.call("delete", "/queue/second"), 404)
+
+
+def test_a_queue_with_an_unknown_provider_is_not_created(api: Api, container: Container) -> None:
+    before = count_rows(container)
+    r = api.call(
+        "post",
+        "/queue/create",
+        {"queue_id": "q", "providers": [{"provider_id": "9d7e7a5e-0000-4000-8000-000000000000"}]},
+    )
+    assert_problem(r, 404, "9d7e7a5e")
+    assert count_rows(container) == before
+
+
+def make_queue(api: Api, fake_url: str, queue_id: str = "q1") -> str:
+    fast = provider(fake_url, time_window=1)
+    assert api.call("post", "/queue/create", {"queue_id": queue_id, "providers": [fast]}).status_code == 201
+    return queue_id
+
+
+def test_single_message_read_and_cancel(api: Api, fake: FakeProvider) -> None:
+    q = make_queue(api, fake.url)
+    r = api.call(
+        "post",
+        "/message/create",
+        {
+            "queue_id": q,
+            "prompt": "Hello, this is a test message",
+            "system": "be brief",
+            "custom_id": "c-1",
+            "metadata": {"k": "v"},
+        },
+    )
+    assert r.status_code == 202 and r.json["status"] == "queued"
+    mid = r.json["message_id"]
+    m = api.call("get", f"/message/read/{mid}").json
+    assert (m["status"], m["prompt"], m["custom_id"], m["metadata"]) == (
+        "queued",
+        "Hello, this is a test message",
+        "c-1",
+        {"k": "v"},
+    )
+    assert m["request"]["system"] == "be brief"
+    assert api.call("delete", f"/message/delete/{mid}").json["status"] == "cancelled"
+    assert api.call("get", f"/message/read/{mid}").json["status"] == "cancelled"
+    assert api.call("delete", f"/message/delete/{mid}").json["deleted"] is True
+    assert_problem(api.call("get", f"/message/read/{mid}"), 404)
+
+
+def test_message_errors_change_nothing(
+    api: Api, container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q = make_queue(api, fake.url)
+    before = count_rows(container)
+    assert_problem(api.call("post", "/message/create", {"queue_id": "nope", "prompt": "x"}), 404)
+    bad_batch = {"queue_id": q, "messages": [{"prompt": "ok"}, {"prompt": ""}, {"prompt": "ok"}]}
+    r = api.call("post", "/message/create", bad_batch)
+    assert_problem(r, 422, "messages.1.prompt")
+    assert r.json["errors"][0]["field"] == "messages.1.prompt"
+    monkeypatch.setattr(container, "settings", replace(container.settings, max_batch_size=2))
+    assert_problem(
+        api.call("post", "/message/create", {"queue_id": q, "messages": [{"prompt": "a"}] * 3}),
+        413,
+        "at most 2",
+    )
+    assert count_rows(container) == before
+
+
+def test_a_failed_publish_leaves_no_half_written_batch(
+    api: Api, container: Container, fake: FakeProvider
+) -> None:
+    q = make_queue(api, fake.url)
+    container.broker.delete(container.names("default", q))  # the broker queue vanished
+    before = count_rows(container)
+    r = api.call("post", "/message/create", {"queue_id": q, "messages": [{"prompt": "a"}]})
+    assert r.status_code in (404, 503)
+    assert count_rows(container) == before
+
+
+def test_batch_progress_pages_and_results_in_input_order(
+    api: Api, container: Container, fake: FakeProvider
+) -> None:
+    q = make_queue(api, fake.url)
+    prompts = [f"prompt number {i}, with a comma" for i in range(25)]
+    r = api.call(
+        "post",
+        "/message/create",
+        {
+            "queue_id": q,
+            "messages": [{"prompt": p, "custom_id": f"id-{i}"} for i, p in enumerate(prompts)],
+            "webhook_url": "http://127.0.0.1:9/hook",
+            "webhook_event": "on_complete",
+        },
+    )
+    assert r.status_code == 202 and r.json["total"] == 25
+    bid = r.json["batch_id"]
+    progress = api.call("get", f"/batch/{bid}").json
+    assert (progress["status"], progress["total"], progress["percent"]) == ("queued", 25, 0.0)
+    assert progress["counts"]["queued"] == 25 and progress["webhook"]["status"] is None
+    processing.handle_event(container, take_event(container, q, 25), 30)
+    done = api.call("get", f"/batch/{bid}").json
+    assert (done["status"], done["percent"], done["eta_seconds"]) == ("completed", 100.0, 0.0)
+    assert done["finished_at"] and done["webhook"]["status"] == "pending"
+
+    page1 = api.call("get", f"/batch/{bid}/results?limit=10")
+    assert page1.headers["x-next-cursor"] == "9" and 'rel="next"' in page1.headers["link"]
+    rows = list(page1.json["results"])
+    cursor = page1.json["next_cursor"]
+    while cursor:
+        page = api.call("get", f"/batch/{bid}/results?limit=10&cursor={cursor}").json
+        rows += page["results"]
+        cursor = page["next_cursor"]
+    assert [r["prompt"] for r in rows] == prompts
+    assert [r["response"] for r in rows] == [f"Echo: {p}" for p in prompts]
+    assert [r["custom_id"] for r in rows] == [f"id-{i}" for i in range(25)]
+
+    csv_page = api.call("get", f"/batch/{bid}/results?format=csv&limit=100")
+    assert csv_page.headers["content-type"].startswith("text/csv")
+    table = list(csv.DictReader(io.StringIO(csv_page.body.decode())))
+    assert [r["prompt"] for r in table] == prompts
+    assert table[3]["response"] == f"Echo: {prompts[3]}" and table[3]["status"] == "completed"
+    assert "x-next-cursor" not in csv_page.headers
+
+    msgs = api.call("get", f"/batch/{bid}/messages?limit=5&cursor=19").json
+    assert [m["index"] for m in msgs["messages"]] == [20, 21, 22, 23, 24]
+    assert msgs["next_cursor"] is None
+    assert_problem(api.call("get", f"/batch/{bid}/results?format=xml"), 422, "format")
+    assert_problem(api.call("get", f"/batch/{bid}/results?limit=0"), 422, "limit")
+    assert_problem(api.call("get", "/batch/00000000-0000-4000-8000-000000000000"), 404)
+    mid = rows[0]["message_id"]
+    assert_problem(api.call("delete", f"/message/delete/{mid}"), 409, "batch")
+
+
+def test_deleting_a_queue_cancels_what_has_not_started(
+    api: Api, container: Container, fake: FakeProvider
+) -> None:
+    q = make_queue(api, fake.url)
+    bid = api.call(
+        "post", "/message/create", {"queue_id": q, "messages": [{"prompt": "a"}, {"prompt": "b"}]}
+    ).json["batch_id"]
+    assert api.call("delete", f"/queue/{q}").status_code == 200
+    progress = api.call("get", f"/batch/{bid}").json
+    assert progress["counts"]["cancelled"] == 2 and progress["status"] == "completed"
