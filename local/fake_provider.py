@@ -39,6 +39,9 @@ class KeyStats:
     server_errors: int = 0
     max_in_window: int = 0
     over_limit: int = 0
+    # The shortest time that held limit + 1 arrivals: above `window` means never over the limit.
+    min_span_s: float | None = None
+    recent: deque[float] = field(default_factory=deque)
     seen: deque[float] = field(default_factory=deque)
     admitted: deque[float] = field(default_factory=deque)
 
@@ -77,6 +80,13 @@ class State:
                 while q and q[0] <= now - window:
                     q.popleft()
             st.seen.append(now)
+            if limit:
+                st.recent.append(now)
+                while len(st.recent) > limit + 1:
+                    st.recent.popleft()
+                if len(st.recent) == limit + 1:
+                    span = now - st.recent[0]
+                    st.min_span_s = span if st.min_span_s is None else min(st.min_span_s, span)
             st.max_in_window = max(st.max_in_window, len(st.seen))
             if limit and len(st.seen) > limit:
                 st.over_limit += 1
@@ -98,7 +108,7 @@ class State:
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
             keys = {
-                k: {f: v for f, v in asdict(s).items() if f not in ("seen", "admitted")}
+                k: {f: v for f, v in asdict(s).items() if f not in ("seen", "admitted", "recent")}
                 for k, s in self.stats.items()
             }
             config = asdict(self.settings)

@@ -5,11 +5,13 @@ Tests that need PostgreSQL, Redis or RabbitMQ fail, not skip, when one is unreac
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -100,3 +102,34 @@ def fake(fake_server: FakeProvider) -> FakeProvider:
 
 def random_key() -> str:
     return f"sk-test-{uuid.uuid4().hex}"
+
+
+class Receiver:
+    """Answers 500 to the first `failures` deliveries, then 204; keeps what it was sent."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.received = failures, []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                outer.received.append((self.headers["content-type"], body))
+                status = 500 if len(outer.received) <= outer.failures else 204
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture()
+def receiver() -> Iterator[Receiver]:
+    r = Receiver(failures=2)
+    yield r
+    r.server.shutdown()

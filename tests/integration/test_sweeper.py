@@ -2,50 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-
 import pytest
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.services import batches, messages, processing, sweeper
 
-from tests.conftest import FakeProvider
+from tests.conftest import FakeProvider, Receiver
 
 from .conftest import make_queue, take_event
-
-
-class Receiver:
-    """Answers 500 to the first `failures` deliveries, then 204; keeps what it was sent."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures, self.received = failures, []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                outer.received.append((self.headers["content-type"], body))
-                status = 500 if len(outer.received) <= outer.failures else 204
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
-@pytest.fixture()
-def receiver() -> Iterator[Receiver]:
-    r = Receiver(failures=2)
-    yield r
-    r.server.shutdown()
 
 
 def finished_batch(c: Container, fake: FakeProvider, webhook_url: str | None) -> str:

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from ai_rate_limiter.config import Settings
 from ai_rate_limiter.domain.backoff import backoff_s, retry_after_s
-from ai_rate_limiter.domain.limits import request_limit
+from ai_rate_limiter.domain.limits import Headroom, request_limit
 from ai_rate_limiter.domain.models import ChatRequest, Provider, ProviderType, mask_key
 from ai_rate_limiter.domain.names import broker_names, queue_from_broker_name
 from ai_rate_limiter.domain.progress import batch_progress
@@ -41,18 +41,19 @@ def test_retry_after_as_an_http_date() -> None:
     )
 
 
-def test_request_limit_paces_evenly_with_the_margin() -> None:
-    limit = request_limit(provider(limit=100, time_window=2.0), margin=0.01)
-    assert limit.increment_us == 20_200
+def test_request_limit_paces_evenly_with_headroom() -> None:
+    assert request_limit(provider(limit=100, time_window=2.0), Headroom(0, 0)).increment_us == 20_000
+    limit = request_limit(provider(limit=100, time_window=2.0), Headroom(guard_s=0.1, margin=0.01))
+    assert limit.increment_us == 21_200
     assert limit.tolerance_us == 0
 
 
 def test_the_limit_is_keyed_by_key_and_model_not_by_record() -> None:
     a, b = provider(id="a"), provider(id="b")
-    assert request_limit(a, 0).key == request_limit(b, 0).key
+    assert request_limit(a, Headroom()).key == request_limit(b, Headroom()).key
     other_model = provider(config={"model": "gpt-4o"})
-    assert request_limit(a, 0).key != request_limit(other_model, 0).key
-    assert "sk-abcdef123456" not in request_limit(a, 0).key
+    assert request_limit(a, Headroom()).key != request_limit(other_model, Headroom()).key
+    assert "sk-abcdef123456" not in request_limit(a, Headroom()).key
 
 
 def test_masked_keys_show_at_most_the_tail() -> None:
@@ -91,7 +92,7 @@ def test_progress_counts_percent_and_eta() -> None:
 
 
 def test_settings_come_from_the_environment_with_local_defaults() -> None:
-    s = Settings.from_env({"API_PORT": "9000", "LIMITER_MARGIN": "0.05"})
-    assert (s.api_port, s.limiter_margin) == (9000, 0.05)
+    s = Settings.from_env({"API_PORT": "9000", "LIMITER_GUARD_S": "0.25"})
+    assert (s.api_port, s.limiter_guard_s) == (9000, 0.25)
     assert s.public_base_url == "http://127.0.0.1:9000"
     assert Settings.from_env({}).database_url.startswith("postgresql://")

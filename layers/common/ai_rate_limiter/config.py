@@ -31,9 +31,13 @@ class Settings:
     queue_poll_s: float = 1.0
     max_attempts: int = 5
     provider_timeout_s: float = 60.0
-    # Pace a little under the configured limit so jitter between the limiter's slot and the
-    # request's arrival at the provider never puts one request too many into a window.
-    limiter_margin: float = 0.01
+    # Pace as if each window were this much longer (seconds, plus a fraction of the window), so
+    # that jitter between a slot and the request's arrival at the provider (a stalled process,
+    # a slow connection) never puts one request too many into the provider's window.
+    limiter_guard_s: float = 0.1
+    limiter_margin: float = 0.0
+    # A worker that wakes up later than this after its slot takes a fresh slot instead.
+    limiter_late_s: float = 0.01
     webhook_timeout_s: float = 10.0
     webhook_max_attempts: int = 8
     sweeper_interval_s: float = 1.0

@@ -21,11 +21,22 @@ class Reservation:
     reserved: bool
 
 
-def request_limit(provider: Provider, margin: float, prefix: str = "airl:lim") -> Limit:
+@dataclass(frozen=True)
+class Headroom:
+    """How much longer than the provider's window the limiter paces for: guard + margin·window."""
+
+    guard_s: float = 0.1
+    margin: float = 0.0
+
+    def window(self, window_s: float) -> float:
+        return window_s * (1.0 + self.margin) + self.guard_s
+
+
+def request_limit(provider: Provider, headroom: Headroom, prefix: str = "airl:lim") -> Limit:
     """Strict pacing (burst 1): one request every window/limit, so no window holds more."""
-    interval_us = provider.time_window * 1_000_000 * (1.0 + margin) / provider.limit
+    interval_us = headroom.window(provider.time_window) * 1_000_000 / provider.limit
     return Limit(f"{prefix}:{provider.limiter_key}:req", round(interval_us))
 
 
-def provider_limits(provider: Provider, margin: float) -> list[Limit]:
-    return [request_limit(provider, margin)]
+def provider_limits(provider: Provider, headroom: Headroom) -> list[Limit]:
+    return [request_limit(provider, headroom)]

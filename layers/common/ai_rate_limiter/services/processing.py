@@ -19,7 +19,7 @@ from typing import Any
 from ..adapters.postgres import provider_from_row
 from ..bootstrap import Container
 from ..domain.backoff import backoff_s
-from ..domain.limits import provider_limits
+from ..domain.limits import Headroom, Limit, provider_limits
 from ..domain.models import ClaimedMessage, Provider
 from ..domain.rmq_event import parse_event
 from ..errors import (
@@ -33,6 +33,7 @@ from . import dispatch
 
 log = logging.getLogger(__name__)
 SAFETY_S = 1.0  # never plan work into the last second of an invocation
+MAX_LATE_WAKEUPS = 5
 
 
 @dataclass(frozen=True)
@@ -121,18 +122,14 @@ def _attempt_until_done(
     if not candidates:
         c.store.fail(m, "The queue has no usable provider (deleted or out of quota).", None)
         return "failed"
-    limits = [provider_limits(p, s.limiter_margin) for p in candidates]
+    headroom = Headroom(s.limiter_guard_s, s.limiter_margin)
+    limits = [provider_limits(p, headroom) for p in candidates]
     while True:
-        max_wait = deadline.remaining() - call_budget - SAFETY_S
-        if max_wait < 0:
-            dispatch.defer(c, m, 1.0, None)
+        index, wait_s = take_slot(c, limits, lambda: deadline.remaining() - call_budget - SAFETY_S)
+        if index is None:
+            dispatch.defer(c, m, wait_s, None)
             return "deferred"
-        slot = c.limiter.reserve(limits, max_wait)
-        if not slot.reserved:
-            dispatch.defer(c, m, slot.wait_s, None)
-            return "deferred"
-        time.sleep(slot.wait_s)
-        provider = candidates[slot.index]
+        provider = candidates[index]
         try:
             result = c.providers.call(provider, m.request)
         except ProviderRejected as exc:
@@ -157,6 +154,35 @@ def _attempt_until_done(
             m = renewed
             continue
         return "completed" if c.store.complete(m, provider, result) else "lost"
+
+
+def take_slot(
+    c: Container, limits: list[list[Limit]], max_wait: Callable[[], float]
+) -> tuple[int | None, float]:
+    """Reserve the soonest slot and sleep until it: (candidate index, 0), or (None, wait) when
+    no slot starts in time.
+
+    The slot lies between `asked + wait` and `answered + wait` on this clock. Sleeping to the
+    later bound means never sending early; measuring lateness from the earlier bound means a
+    worker that may have stalled gives its slot up and takes a fresh one, so a stall leaves a
+    gap in the schedule instead of a burst that would overfill the provider's window."""
+    index: int | None = None
+    for _ in range(MAX_LATE_WAKEUPS):
+        budget = max_wait()
+        if budget < 0:
+            return None, 1.0
+        asked = time.monotonic()
+        slot = c.limiter.reserve(limits, budget)
+        answered = time.monotonic()
+        if not slot.reserved:
+            return None, slot.wait_s
+        index = slot.index
+        time.sleep(max(answered + slot.wait_s - time.monotonic(), 0.0))
+        late = time.monotonic() - (asked + slot.wait_s)
+        if late <= c.settings.limiter_late_s:
+            break
+        log.debug("up to %.1f ms after the slot; taking a fresh one", late * 1e3)
+    return index, 0.0
 
 
 def _quietly(action: Callable[[], object]) -> None:

@@ -1,0 +1,119 @@
+"""Start the whole stack (`python -m local.up`) on free ports and drive it over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from ai_rate_limiter.bootstrap import Container
+from ai_rate_limiter.config import Settings
+from ai_rate_limiter.migrate import ensure_database, migrate
+
+from tests.conftest import TABLES, base_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stack_env(settings: Settings, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "RABBITMQ_URL": settings.rabbitmq_url,
+        "BROKER_PREFIX": settings.broker_prefix,
+        "API_PORT": str(settings.api_port),
+        "FAKE_PROVIDER_PORT": str(settings.fake_provider_port),
+        "LOG_LEVEL": "WARNING",
+        **extra,
+    }
+
+
+@dataclass
+class Stack:
+    api: str
+    fake: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        return httpx.request(method, f"{self.api}{path}", timeout=30, **kw)
+
+    def fake_stats(self) -> dict[str, Any]:
+        return httpx.get(f"{self.fake}/_fake/stats").json()
+
+    def configure_fake(self, **config: Any) -> None:
+        httpx.post(f"{self.fake}/_fake/config", json=config).raise_for_status()
+
+
+def wait_until(check: Callable[[], Any], timeout: float, every: float = 0.25) -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"gave up after {timeout}s")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="session")
+def stack(services: None) -> Iterator[Stack]:
+    settings = base_settings(
+        database_url=base_settings().database_url.replace("_test", "_e2e"),
+        redis_url="redis://127.0.0.1:6379/14",
+        api_port=free_port(),
+        fake_provider_port=free_port(),
+    )
+    ensure_database(settings.database_url)
+    migrate(settings.database_url)
+    c = Container(settings)
+    with c.db.tx() as cur:
+        cur.execute(f"TRUNCATE {TABLES}")
+    redis.Redis.from_url(settings.redis_url).flushdb()
+    log = Path(tempfile.mkstemp(prefix="airl-e2e-", suffix=".log")[1])
+    env = stack_env(settings, WORKER_BATCH_SIZE="50", WORKER_BATCHING_WINDOW_S="0.2")
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "local.up", "--workers", "2"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    api = f"http://127.0.0.1:{settings.api_port}"
+    try:
+        wait_until(lambda: proc.poll() is not None or b"is running" in log.read_bytes(), 90)
+        assert proc.poll() is None, log.read_text()
+        yield Stack(api, f"http://127.0.0.1:{settings.fake_provider_port}", proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        for tenant, queue_id in c.store.all_queues():
+            c.broker.delete(c.names(tenant, queue_id))
+        c.close()
+        print(log.read_text()[-3000:])
+        assert code == 0, f"local.up exited {code} on SIGTERM"
