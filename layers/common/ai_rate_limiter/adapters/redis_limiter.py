@@ -30,10 +30,10 @@ class RedisLimiter:
                 keys.append(limit.key)
                 args += [limit.increment_us, limit.tolerance_us]
         try:
-            index, wait_us, reserved = self._reserve(keys=keys, args=args)
+            index, wait_us, reserved, slot_us = self._reserve(keys=keys, args=args)
         except redis.RedisError as exc:
             raise DependencyUnavailable(f"redis: {exc}") from exc
-        return Reservation(int(index) - 1, max(int(wait_us), 0) / 1_000_000, bool(reserved))
+        return Reservation(int(index) - 1, max(int(wait_us), 0) / 1_000_000, bool(reserved), int(slot_us))
 
     def ping(self) -> None:
         try:

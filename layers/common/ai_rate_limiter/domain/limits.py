@@ -19,6 +19,7 @@ class Reservation:
     index: int
     wait_s: float
     reserved: bool
+    slot_us: int = 0  # the slot's start on the limiter's (Redis) clock
 
 
 @dataclass(frozen=True)

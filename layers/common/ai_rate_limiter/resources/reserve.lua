@@ -8,7 +8,8 @@
 --   tolerance_us: how far ahead of the theoretical arrival time a request may start (0 = strict)
 --
 -- Picks the candidate whose slot starts soonest, commits that slot on all of its limits at
--- once, and returns {candidate_index (1-based), wait_us, reserved (1|0)}.
+-- once, and returns {candidate_index (1-based), wait_us, reserved (1|0), slot_us}, where slot_us
+-- is the slot's start on the Redis clock.
 -- Time comes from Redis TIME so that workers never compare clocks. Keys expire when idle.
 
 local t = redis.call('TIME')
@@ -35,7 +36,7 @@ end
 
 local wait = best_start - now
 if wait > max_wait then
-  return {best, wait, 0}
+  return {best, wait, 0, best_start}
 end
 for i = 0, best_n - 1 do
   local key = KEYS[best_k + i]
@@ -44,4 +45,4 @@ for i = 0, best_n - 1 do
   local new_tat = tat + tonumber(ARGV[best_a + 1 + 2 * i])
   redis.call('SET', key, string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
 end
-return {best, wait, 1}
+return {best, wait, 1, best_start}
