@@ -79,12 +79,17 @@ class Database:
                 self._pool = None
 
 
+def stored_api_key(row: Row) -> str:
+    """The one place a stored provider key is read (decryption at rest belongs here)."""
+    return str(row["api_key"])
+
+
 def provider_from_row(row: Row) -> Provider:
     return Provider(
         id=str(row["id"]),
         name=row["name"],
         type=ProviderType(row["provider_type"]),
-        api_key=row["api_key"],
+        api_key=stored_api_key(row),
         limit=row["request_limit"],
         time_window=row["time_window"],
         token_limit=row["token_limit"],
@@ -453,20 +458,17 @@ class Store:
         with self.db.tx() as cur:
             cur.execute("SELECT * FROM batches WHERE tenant_id = %s AND id = %s", (tenant, batch_id))
             batch = cur.fetchone()
-            if batch is None:
-                raise NotFound(f"No batch {batch_id}.")
-            cur.execute(
-                """SELECT status, count(*) AS n FROM messages WHERE batch_id = %s
-                   GROUP BY status""",
-                (batch_id,),
-            )
-            counts = {r["status"]: r["n"] for r in cur.fetchall()}
-            cur.execute(
-                "SELECT min(started_at) AS started_at FROM messages WHERE batch_id = %s",
-                (batch_id,),
-            )
+        if batch is None:
+            raise NotFound(f"No batch {batch_id}.")
+        return dict(batch)
+
+    def batch_progress(self, tenant: str, batch_id: str) -> Row:
+        """The batch with its message counts by status and when its first message started."""
+        batch = self.get_batch(tenant, batch_id)
+        with self.db.tx() as cur:
+            cur.execute("SELECT min(started_at) AS started_at FROM messages WHERE batch_id = %s", (batch_id,))
             started = cur.fetchone()["started_at"]
-        return {**batch, "counts": counts, "started_at": started}
+        return {**batch, "counts": self.batch_counts(batch_id), "started_at": started}
 
     def batch_page(self, tenant: str, batch_id: str, after_seq: int, limit: int, columns: str) -> list[Row]:
         with self.db.tx() as cur:

@@ -38,7 +38,7 @@ CSV_FIELDS = (
 
 
 def progress(c: Container, tenant: str, batch_id: str) -> Row:
-    b = c.store.get_batch(tenant, checked_id(batch_id, "batch"))
+    b = c.store.batch_progress(tenant, checked_id(batch_id, "batch"))
     p = batch_progress(
         b["total"], b["counts"], b["created_at"], datetime.now(UTC), finished=b["finished_at"] is not None
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from ..adapters.postgres import stored_api_key
 from ..bootstrap import Container
 from ..domain.schemas import ProviderIn, ProviderPatch, parse
 from ..errors import NotFound, ValidationFailed
@@ -55,7 +56,7 @@ def update(c: Container, tenant: str, provider_id: str, body: Any) -> Row:
     merged = {
         "provider_name": current["name"],
         "provider_type": current["provider_type"],
-        "api_key": current["api_key"],
+        "api_key": stored_api_key(current),
         "limit": current["request_limit"],
         "time_window": current["time_window"],
         "token_limit": current["token_limit"],
