@@ -53,7 +53,7 @@ class Settings:
     error_rate: float = 0.0
     limit: int = 0
     window: float = 1.0
-    keys: dict[str, dict[str, float]] = field(default_factory=dict)
+    keys: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class State:
@@ -65,7 +65,7 @@ class State:
     def limit_for(self, key: str) -> tuple[int, float]:
         own = self.settings.keys.get(key)
         if own is not None:
-            return int(own.get("limit", 0)), float(own.get("window", 1.0))
+            return int(own.get("limit", 0) or 0), float(own.get("window", 1.0))
         return self.settings.limit, self.settings.window
 
     def admit(self, key: str) -> tuple[bool, float, int, int]:
@@ -95,7 +95,8 @@ class State:
                 return False, st.admitted[0] + window - now, 0, limit
             st.admitted.append(now)
             remaining = limit - len(st.admitted) if limit else 1_000_000
-            return True, 0.0, remaining, limit
+            reset = st.admitted[0] + window - now if limit else 0.0
+            return True, reset, remaining, limit
 
     def record(self, key: str, ok: bool) -> None:
         with self.lock:
@@ -267,7 +268,7 @@ class Handler(BaseHTTPRequestHandler):
                     "message": message,
                     "type": kind,
                     "param": None,
-                    "code": "rate_limit_exceeded" if status == 429 else kind,
+                    "code": "rate_limit_exceeded" if kind == "requests" else kind,
                 }
             }
         self.send_json(status, body, headers)
@@ -278,6 +279,14 @@ class Handler(BaseHTTPRequestHandler):
             return
         if not body.get("messages"):
             self.error(dialect, 400, "invalid_request_error", "messages: field required")
+            return
+        if self.state.settings.keys.get(key, {}).get("quota_exhausted"):
+            self.error(
+                dialect,
+                429,
+                "insufficient_quota",
+                "You exceeded your current quota, please check your plan and billing details.",
+            )
             return
         admitted, retry_s, remaining, limit = self.state.admit(key)
         reset = datetime.now(UTC) + timedelta(seconds=retry_s)

@@ -6,7 +6,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 from ai_rate_limiter.config import Settings
-from ai_rate_limiter.migrate import ensure_database, migrate
+from ai_rate_limiter.migrate import ensure_database, migrate, migrations_dir
 
 
 def test_migrate_creates_the_database_and_is_safe_twice_and_at_once(settings: Settings) -> None:
@@ -24,11 +24,12 @@ def test_migrate_creates_the_database_and_is_safe_twice_and_at_once(settings: Se
         for t in threads:
             t.join()
         applied = sorted(name for r in results for name in r)
-        assert applied == ["0001_initial.sql"]
+        files = sorted(p.name for p in migrations_dir().glob("*.sql"))
+        assert applied == files and files[0] == "0001_initial.sql"
         assert migrate(url) == []
         with psycopg2.connect(url) as conn, conn.cursor() as cur:
             cur.execute("SELECT count(*) FROM schema_migrations")
-            assert cur.fetchone() == (1,)
+            assert cur.fetchone() == (len(files),)
             cur.execute("SELECT count(*) FROM messages")
             assert cur.fetchone() == (0,)
         conn.close()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from ai_rate_limiter.bootstrap import Container
-from ai_rate_limiter.errors import DependencyUnavailable
+from ai_rate_limiter.errors import DependencyUnavailable, LimiterUnavailable
 from ai_rate_limiter.services import messages, processing
 
 from local.functions import load
@@ -101,8 +102,9 @@ def test_a_rejected_request_fails_at_once_with_the_providers_message(
 def test_server_errors_are_retried_until_an_answer(
     container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(processing, "backoff_s", lambda attempt: 0.01)
-    fake.configure(error_rate=0.5)
+    monkeypatch.setattr(processing, "backoff_s", lambda attempt, **kw: 0.01)
+    monkeypatch.setattr(container, "settings", replace(container.settings, max_attempts=10))
+    fake.configure(error_rate=0.3)  # all ten tries of one message fail with p = 6e-6
     q = make_queue(container, fake.url)
     ids = submit(container, q, *[f"p{i}" for i in range(10)])
     assert run(container, q, 10)["completed"] == 10
@@ -115,7 +117,7 @@ def test_server_errors_are_retried_until_an_answer(
 def test_after_max_attempts_the_message_fails_with_the_last_error(
     container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(processing, "backoff_s", lambda attempt: 0.01)
+    monkeypatch.setattr(processing, "backoff_s", lambda attempt, **kw: 0.01)
     fake.configure(error_rate=1.0)
     q = make_queue(container, fake.url)
     [mid] = submit(container, q, "doomed")
@@ -125,7 +127,7 @@ def test_after_max_attempts_the_message_fails_with_the_last_error(
     assert "gave up after 5 attempts" in m["last_error"] and "HTTP 500" in m["last_error"]
 
 
-def test_a_429_is_waited_out_for_as_long_as_retry_after_says(
+def test_a_429_holds_every_worker_until_the_reset_and_costs_no_attempt(
     container: Container, fake: FakeProvider
 ) -> None:
     """The fake provider allows 1 request per second but our provider claims 100/s."""
@@ -133,11 +135,58 @@ def test_a_429_is_waited_out_for_as_long_as_retry_after_says(
     key = container.store.queue_providers(T, q)[0][0]["api_key"]
     fake.configure(keys={key: {"limit": 1, "window": 1.0}})
     started = time.monotonic()
-    assert run(container, q, 0) == {}
-    submit(container, q, "a", "b")
+    ids = submit(container, q, "a", "b")
     assert run(container, q, 2)["completed"] == 2
     assert time.monotonic() - started >= 0.9  # the second waited for the window to pass
     assert fake.stats()["keys"][key]["rate_limited"] >= 1
+    assert [messages.read(container, T, i)["attempts"] for i in ids] == [1, 1]
+
+
+def test_headers_saying_nothing_is_left_avoid_the_429(container: Container, fake: FakeProvider) -> None:
+    q = make_queue(container, fake.url, {"limit": 100})
+    key = container.store.queue_providers(T, q)[0][0]["api_key"]
+    fake.configure(keys={key: {"limit": 2, "window": 1.0}})
+    submit(container, q, "a", "b")
+    assert run(container, q, 2)["completed"] == 2  # the second answer says: 0 left, reset in ~1 s
+    submit(container, q, "c")
+    started = time.monotonic()
+    assert run(container, q, 1)["completed"] == 1
+    assert time.monotonic() - started >= 0.8
+    assert fake.stats()["keys"][key]["rate_limited"] == 0
+
+
+def test_a_provider_out_of_quota_is_stopped_and_reported(container: Container, fake: FakeProvider) -> None:
+    from ai_rate_limiter.services import health
+
+    q = make_queue(container, fake.url)
+    key = container.store.queue_providers(T, q)[0][0]["api_key"]
+    fake.configure(keys={key: {"quota_exhausted": True}})
+    [first, second] = submit(container, q, "a", "b")
+    run(container, q, 2)
+    assert {messages.read(container, T, i)["status"] for i in (first, second)} == {"failed"}
+    assert (
+        "insufficient_quota" in messages.read(container, T, first)["last_error"]
+        or "quota" in (messages.read(container, T, first)["last_error"])
+    )
+    assert container.store.queue_providers(T, q)[0][0]["status"] == "quota_exhausted"
+    ok, report = health.check(container)
+    assert ok and report["status"] == "degraded"
+    assert [p["provider_name"] for p in report["providers_out_of_quota"]] == ["fake"]
+    submit(container, q, "c")
+    assert run(container, q, 1)["failed"] == 1 and fake.stats()["total"]["requests"] <= 2
+
+
+def test_5xx_moves_the_message_to_another_provider(
+    container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(processing, "backoff_s", lambda attempt, **kw: 0.01)
+    dead = {"provider_name": "dead", "config": {"endpoint": "http://127.0.0.1:9"}}
+    q = make_queue(container, fake.url, dead, {"provider_name": "alive"})
+    ids = submit(container, q, *[f"m{i}" for i in range(6)])
+    assert run(container, q, 6)["completed"] == 6
+    reads = [messages.read(container, T, i) for i in ids]
+    assert {r["provider"]["provider_name"] for r in reads} == {"alive"}
+    assert all(r["attempts"] <= 2 for r in reads)
 
 
 def test_work_that_cannot_start_in_time_is_deferred_not_failed(
@@ -157,17 +206,37 @@ def test_work_that_cannot_start_in_time_is_deferred_not_failed(
     )
 
 
-def test_redis_down_releases_the_message_and_redelivers_the_batch(
+def test_redis_down_makes_messages_wait_not_fail(
     container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     q = make_queue(container, fake.url)
     [mid] = submit(container, q, "wait for redis")
 
     def down(*_: object, **__: object) -> None:
-        raise DependencyUnavailable("redis: connection refused")
+        raise LimiterUnavailable("redis: connection refused")
 
     monkeypatch.setattr(container.limiter, "reserve", down)
-    with pytest.raises(DependencyUnavailable):
-        run(container, q, 1)
+    assert run(container, q, 1) == {"deferred": 1}
     m = messages.read(container, T, mid)
-    assert m["status"] == "queued" and fake.stats()["total"]["requests"] == 0
+    assert m["status"] == "queued" and m["attempts"] == 0 and "redis" in m["last_error"]
+    assert fake.stats()["total"]["requests"] == 0
+    names = container.names(T, q)
+    assert (
+        container.broker._run(lambda ch: ch.queue_declare(names.delay, passive=True)).method.message_count
+        == 1
+    )
+
+
+def test_postgres_down_redelivers_the_whole_batch(
+    container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q = make_queue(container, fake.url)
+    submit(container, q, "x")
+    event = take_event(container, q, 1)
+
+    def down(*_: object, **__: object) -> None:
+        raise DependencyUnavailable("postgres: connection refused")
+
+    monkeypatch.setattr(container.store, "claim", down)
+    with pytest.raises(DependencyUnavailable):
+        processing.handle_event(container, event, 30)

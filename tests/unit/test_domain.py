@@ -96,3 +96,27 @@ def test_settings_come_from_the_environment_with_local_defaults() -> None:
     assert (s.api_port, s.limiter_guard_s) == (9000, 0.25)
     assert s.public_base_url == "http://127.0.0.1:9000"
     assert Settings.from_env({}).database_url.startswith("postgresql://")
+
+
+def test_rate_limit_headers_that_say_a_limit_is_used_up() -> None:
+    from ai_rate_limiter.domain.feedback import Exhausted, duration_s, exhausted
+
+    assert duration_s("6m0s") == 360.0 and duration_s("20ms") == 0.02 and duration_s("1h2m3.5s") == 3723.5
+    assert duration_s("soon") is None
+    assert exhausted(
+        {
+            "x-ratelimit-remaining-requests": "0",
+            "x-ratelimit-reset-requests": "1.5s",
+            "x-ratelimit-remaining-tokens": "900",
+            "x-ratelimit-reset-tokens": "2s",
+        }
+    ) == [Exhausted("requests", 1.5)]
+    now = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC).timestamp()
+    assert exhausted(
+        {
+            "anthropic-ratelimit-tokens-remaining": "0",
+            "anthropic-ratelimit-tokens-reset": "2026-11-28T10:00:04Z",
+        },
+        now=now,
+    ) == [Exhausted("tokens", 4.0)]
+    assert exhausted({"x-ratelimit-remaining-requests": "3"}) == []

@@ -34,10 +34,11 @@ class Settings:
     # Pace as if each window were this much longer (seconds, plus a fraction of the window), so
     # that jitter between a slot and the request's arrival at the provider (a stalled process,
     # a slow connection) never puts one request too many into the provider's window.
-    limiter_guard_s: float = 0.1
+    limiter_guard_s: float = 0.25
     limiter_margin: float = 0.0
-    # A worker that wakes up later than this after its slot takes a fresh slot instead.
-    limiter_late_s: float = 0.01
+    # A worker that may have woken up later than this after its slot takes a fresh slot instead;
+    # keep it under the guard, which absorbs the rest.
+    limiter_late_s: float = 0.05
     webhook_timeout_s: float = 10.0
     webhook_max_attempts: int = 8
     sweeper_interval_s: float = 1.0

@@ -46,6 +46,10 @@ class DependencyUnavailable(AppError):
     status, title, retryable = 503, "Service Unavailable", True
 
 
+class LimiterUnavailable(DependencyUnavailable):
+    """Redis, which holds the shared limiter, could not be reached."""
+
+
 class ProviderError(AppError):
     """A provider call did not produce an answer."""
 

@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import psycopg2
@@ -156,6 +157,15 @@ class Store:
         if row is None:
             raise NotFound(f"No provider {provider_id}.")
         return dict(row)
+
+    def exhausted_providers(self, tenant: str) -> list[Row]:
+        with self.db.tx() as cur:
+            cur.execute(
+                """SELECT id::text AS provider_id, name AS provider_name, status_detail FROM providers
+                   WHERE tenant_id = %s AND status = 'quota_exhausted' ORDER BY name""",
+                (tenant,),
+            )
+            return [dict(r) for r in cur.fetchall()]
 
     def set_provider_status(self, provider_id: str, status: str, detail: str | None) -> None:
         with self.db.tx() as cur:
@@ -361,7 +371,7 @@ class Store:
                           started_at = coalesce(started_at, now()), updated_at = now()
                    WHERE id = ANY(%s::uuid[])
                      AND (status = 'queued' OR (status = 'processing' AND lease_until < now()))
-                   RETURNING id::text, tenant_id, queue_id, batch_id::text, request, attempt""",
+                   RETURNING id::text, tenant_id, queue_id, batch_id::text, request, attempt, tries""",
                 (lease_s, list(ids)),
             )
             rows = cur.fetchall()
@@ -373,6 +383,7 @@ class Store:
                 batch_id=r["batch_id"],
                 request=ChatRequest.from_json(r["request"]),
                 attempt=r["attempt"],
+                tries=r["tries"],
             )
             for r in rows
         ]
@@ -391,24 +402,26 @@ class Store:
             )
             return [dict(r) for r in cur.fetchall()]
 
-    def renew(self, msg: ClaimedMessage, lease_s: float) -> ClaimedMessage | None:
-        """Count one more try and extend the lease; None if the lease was lost."""
+    def renew(self, msg: ClaimedMessage, lease_s: float, counted: bool, error: str) -> ClaimedMessage | None:
+        """After a failed call that will be retried: a new fencing number, a longer lease, the
+        try counted (unless it was a rate-limit 429). None if the lease was lost."""
         with self.db.tx() as cur:
             cur.execute(
-                """UPDATE messages SET attempt = attempt + 1, updated_at = now(),
-                          lease_until = now() + make_interval(secs => %s)
-                   WHERE id = %s AND attempt = %s AND status = 'processing' RETURNING attempt""",
-                (lease_s, msg.id, msg.attempt),
+                """UPDATE messages SET attempt = attempt + 1, tries = tries + %s, updated_at = now(),
+                          lease_until = now() + make_interval(secs => %s), last_error = %s
+                   WHERE id = %s AND attempt = %s AND status = 'processing'
+                   RETURNING attempt, tries""",
+                (int(counted), lease_s, error[:4000], msg.id, msg.attempt),
             )
             row = cur.fetchone()
         if row is None:
             return None
-        return ClaimedMessage(**{**msg.__dict__, "attempt": row["attempt"]})
+        return replace(msg, attempt=row["attempt"], tries=row["tries"])
 
     def complete(self, msg: ClaimedMessage, provider: Provider, result: ProviderResult) -> bool:
         with self.db.tx() as cur:
             cur.execute(
-                """UPDATE messages SET status = 'completed', lease_until = NULL,
+                """UPDATE messages SET status = 'completed', lease_until = NULL, tries = tries + 1,
                           provider_id = %s, provider_name = %s, model = %s, response_text = %s,
                           response_raw = %s, prompt_tokens = %s, completion_tokens = %s,
                           latency_ms = %s, last_error = NULL, finished_at = now(),
@@ -429,15 +442,23 @@ class Store:
             )
             return cur.rowcount == 1
 
-    def fail(self, msg: ClaimedMessage, error: str, provider: Provider | None) -> bool:
+    def fail(self, msg: ClaimedMessage, error: str, provider: Provider | None, counted: bool = True) -> bool:
         with self.db.tx() as cur:
             cur.execute(
                 """UPDATE messages SET status = 'failed', lease_until = NULL, last_error = %s,
+                          tries = tries + %s,
                           provider_id = coalesce(%s, provider_id),
                           provider_name = coalesce(%s, provider_name),
                           finished_at = now(), updated_at = now()
                    WHERE id = %s AND attempt = %s AND status = 'processing'""",
-                (error[:4000], provider and provider.id, provider and provider.name, msg.id, msg.attempt),
+                (
+                    error[:4000],
+                    int(counted),
+                    provider and provider.id,
+                    provider and provider.name,
+                    msg.id,
+                    msg.attempt,
+                ),
             )
             return cur.rowcount == 1
 

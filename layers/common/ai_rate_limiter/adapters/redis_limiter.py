@@ -8,9 +8,11 @@ from importlib.resources import files
 import redis
 
 from ..domain.limits import Limit, Reservation
-from ..errors import DependencyUnavailable
+from ..errors import LimiterUnavailable
 
-SCRIPT = files("ai_rate_limiter").joinpath("resources/reserve.lua").read_text()
+
+def script(name: str) -> str:
+    return files("ai_rate_limiter").joinpath(f"resources/{name}").read_text()
 
 
 class RedisLimiter:
@@ -18,7 +20,8 @@ class RedisLimiter:
         self.client = redis.Redis.from_url(
             url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
         )
-        self._reserve = self.client.register_script(SCRIPT)
+        self._reserve = self.client.register_script(script("reserve.lua"))
+        self._push = self.client.register_script(script("push.lua"))
 
     def reserve(self, candidates: Sequence[Sequence[Limit]], max_wait_s: float) -> Reservation:
         """Commit the soonest slot among `candidates` if it starts within `max_wait_s`."""
@@ -32,11 +35,18 @@ class RedisLimiter:
         try:
             index, wait_us, reserved, slot_us = self._reserve(keys=keys, args=args)
         except redis.RedisError as exc:
-            raise DependencyUnavailable(f"redis: {exc}") from exc
+            raise LimiterUnavailable(f"redis: {exc}") from exc
         return Reservation(int(index) - 1, max(int(wait_us), 0) / 1_000_000, bool(reserved), int(slot_us))
+
+    def push(self, limits: Sequence[Limit], not_before_s: float) -> int:
+        """No slot on these limits starts sooner than `not_before_s` from now (a provider's reset)."""
+        try:
+            return int(self._push(keys=[lim.key for lim in limits], args=[int(not_before_s * 1_000_000)]))
+        except redis.RedisError as exc:
+            raise LimiterUnavailable(f"redis: {exc}") from exc
 
     def ping(self) -> None:
         try:
             self.client.ping()
         except redis.RedisError as exc:
-            raise DependencyUnavailable(f"redis: {exc}") from exc
+            raise LimiterUnavailable(f"redis: {exc}") from exc

@@ -26,7 +26,7 @@ class Reservation:
 class Headroom:
     """How much longer than the provider's window the limiter paces for: guard + margin·window."""
 
-    guard_s: float = 0.1
+    guard_s: float = 0.25
     margin: float = 0.0
 
     def window(self, window_s: float) -> float:

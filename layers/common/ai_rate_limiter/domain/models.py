@@ -131,7 +131,8 @@ class ProviderResult:
 
 @dataclass(frozen=True)
 class ClaimedMessage:
-    """A message this worker holds a lease on; `attempt` fences every write."""
+    """A message this worker holds a lease on; `attempt` fences every write, `tries` counts the
+    provider calls spent from its budget."""
 
     id: str
     tenant_id: str
@@ -139,3 +140,4 @@ class ClaimedMessage:
     batch_id: str | None
     request: ChatRequest
     attempt: int
+    tries: int = 0

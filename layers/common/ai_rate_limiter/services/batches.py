@@ -18,7 +18,7 @@ RESULT_COLUMNS = (
     "seq AS index, id::text AS message_id, custom_id, "
     "request->'messages'->0->>'content' AS prompt, status, response_text AS response, "
     "provider_name AS provider, model, prompt_tokens, completion_tokens, latency_ms, "
-    "attempt AS attempts, last_error AS error"
+    "tries AS attempts, last_error AS error"
 )
 CSV_FIELDS = (
     "index",

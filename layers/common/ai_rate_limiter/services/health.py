@@ -25,4 +25,7 @@ def check(c: Container) -> tuple[bool, dict[str, object]]:
     body: dict[str, object] = {"status": "ok" if not down else "unavailable", "dependencies": deps}
     if down:
         body["detail"] = f"unreachable: {', '.join(down)}"
+    if "postgres" not in down and (out := c.store.exhausted_providers(c.settings.default_tenant)):
+        body["providers_out_of_quota"] = out
+        body["status"] = body["status"] if down else "degraded"
     return not down, body

@@ -19,11 +19,13 @@ from typing import Any
 from ..adapters.postgres import provider_from_row
 from ..bootstrap import Container
 from ..domain.backoff import backoff_s
+from ..domain.feedback import exhausted
 from ..domain.limits import Headroom, Limit, provider_limits
 from ..domain.models import ClaimedMessage, Provider
 from ..domain.rmq_event import parse_event
 from ..errors import (
     DependencyUnavailable,
+    LimiterUnavailable,
     ProviderError,
     ProviderRejected,
     QuotaExhausted,
@@ -34,6 +36,7 @@ from . import dispatch
 log = logging.getLogger(__name__)
 SAFETY_S = 1.0  # never plan work into the last second of an invocation
 MAX_LATE_WAKEUPS = 5
+LIMITER_RETRY_S = 5.0  # how long a message waits when Redis is unreachable
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,15 @@ def process(
 ) -> str:
     try:
         return _attempt_until_done(c, m, providers, deadline, call_budget)
+    except LimiterUnavailable as exc:
+        # Without the shared limiter nothing may be sent: the message waits, nothing fails.
+        log.warning("limiter unreachable; message %s waits %.0fs: %s", m.id, LIMITER_RETRY_S, exc.detail)
+        try:
+            dispatch.defer(c, m, LIMITER_RETRY_S, "waiting for the rate limiter (redis unreachable)")
+        except DependencyUnavailable:
+            _quietly(lambda: c.store.release(m, None))
+            raise
+        return "deferred"
     except DependencyUnavailable:
         _quietly(lambda: c.store.release(m, None))
         raise
@@ -120,15 +132,20 @@ def _attempt_until_done(
     s = c.settings
     candidates = [p for p in providers if p.status == "active"]
     if not candidates:
-        c.store.fail(m, "The queue has no usable provider (deleted or out of quota).", None)
+        c.store.fail(m, "The queue has no usable provider (deleted or out of quota).", None, counted=False)
         return "failed"
     headroom = Headroom(s.limiter_guard_s, s.limiter_margin)
     limits = [provider_limits(p, headroom) for p in candidates]
+    failing: set[int] = set()  # providers that just failed with 5xx/timeouts: try the others first
     while True:
-        index, wait_s = take_slot(c, limits, lambda: deadline.remaining() - call_budget - SAFETY_S)
-        if index is None:
+        usable = [i for i in range(len(candidates)) if i not in failing] or list(range(len(candidates)))
+        chosen, wait_s = take_slot(
+            c, [limits[i] for i in usable], lambda: deadline.remaining() - call_budget - SAFETY_S
+        )
+        if chosen is None:
             dispatch.defer(c, m, wait_s, None)
             return "deferred"
+        index = usable[chosen]
         provider = candidates[index]
         try:
             result = c.providers.call(provider, m.request)
@@ -137,23 +154,38 @@ def _attempt_until_done(
                 c.store.set_provider_status(provider.id, "quota_exhausted", exc.detail)
             c.store.fail(m, exc.detail, provider)
             return "failed"
+        except RateLimited as exc:
+            # Every worker waits until the provider's reset; this try is not counted.
+            pause = exc.retry_after_s or backoff_s(1, base=1.0)
+            log.warning("429 from %s; all workers wait %.2fs", provider.name, pause)
+            c.limiter.push(limits[index], pause)
+            pause, counted, error = 0.0, False, exc.detail
         except ProviderError as exc:
-            if m.attempt >= s.max_attempts:
-                c.store.fail(m, f"gave up after {m.attempt} attempts: {exc.detail}", provider)
+            if m.tries + 1 >= s.max_attempts:
+                c.store.fail(m, f"gave up after {m.tries + 1} attempts: {exc.detail}", provider)
                 return "failed"
-            pause = getattr(exc, "retry_after_s", None) or backoff_s(m.attempt)
-            if isinstance(exc, RateLimited):
-                log.warning("429 from %s; waiting %.2fs", provider.name, pause)
-            if pause > deadline.remaining() - call_budget - SAFETY_S:
-                dispatch.defer(c, m, pause, exc.detail)
-                return "deferred"
-            time.sleep(pause)
-            renewed = c.store.renew(m, lease_s=deadline.remaining() + 30)
-            if renewed is None:
-                return "lost"
-            m = renewed
-            continue
-        return "completed" if c.store.complete(m, provider, result) else "lost"
+            pause = getattr(exc, "retry_after_s", None) or backoff_s(m.tries + 1)
+            failing.add(index)
+            counted, error = True, exc.detail
+        else:
+            react_to_headers(c, limits[index], result.headers)
+            return "completed" if c.store.complete(m, provider, result) else "lost"
+        if pause > deadline.remaining() - call_budget - SAFETY_S:
+            dispatch.defer(c, m, pause, error)
+            return "deferred"
+        time.sleep(pause)
+        renewed = c.store.renew(m, deadline.remaining() + 30, counted, error)
+        if renewed is None:
+            return "lost"
+        m = renewed
+
+
+def react_to_headers(c: Container, limits: list[Limit], headers: dict[str, str]) -> None:
+    """A provider that says a limit is used up holds every worker until its reset."""
+    for used_up in exhausted(headers):
+        keys = [lim for lim in limits if lim.key.endswith(":req" if used_up.kind == "requests" else ":tok")]
+        if keys:
+            c.limiter.push(keys, used_up.reset_s)
 
 
 def take_slot(

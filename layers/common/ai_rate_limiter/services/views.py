@@ -68,7 +68,7 @@ def message_view(row: Row) -> Row:
             "total_tokens": row["prompt_tokens"] + (row["completion_tokens"] or 0),
         },
         "latency_ms": row["latency_ms"],
-        "attempts": row["attempt"],
+        "attempts": row["tries"],
         "last_error": row["last_error"],
         "created_at": iso(row["created_at"]),
         "started_at": iso(row["started_at"]),
