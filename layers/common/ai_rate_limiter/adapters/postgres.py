@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -78,6 +81,28 @@ class Database:
             if self._pool is not None:
                 self._pool.closeall()
                 self._pool = None
+
+
+def copy_rows(tenant: str, rows: Sequence[Row]) -> io.StringIO:
+    """Message rows as CSV for COPY: an empty unquoted field is NULL."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    for r in rows:
+        metadata = None if r["metadata"] is None else json.dumps(r["metadata"])
+        writer.writerow(
+            (
+                tenant,
+                r["id"],
+                r["queue_id"],
+                r["batch_id"],
+                r["seq"],
+                r["custom_id"],
+                json.dumps(r["request"]),
+                metadata,
+            )
+        )
+    out.seek(0)
+    return out
 
 
 def stored_api_key(row: Row) -> str:
@@ -301,24 +326,10 @@ class Store:
                            %(webhook_event)s)""",
                     {**batch, "tenant": tenant},
                 )
-            psycopg2.extras.execute_values(
-                cur,
-                """INSERT INTO messages (tenant_id, id, queue_id, batch_id, seq, custom_id,
-                       request, metadata) VALUES %s""",
-                [
-                    (
-                        tenant,
-                        r["id"],
-                        r["queue_id"],
-                        r["batch_id"],
-                        r["seq"],
-                        r["custom_id"],
-                        psycopg2.extras.Json(r["request"]),
-                        None if r["metadata"] is None else psycopg2.extras.Json(r["metadata"]),
-                    )
-                    for r in rows
-                ],
-                page_size=2000,
+            cur.copy_expert(
+                """COPY messages (tenant_id, id, queue_id, batch_id, seq, custom_id, request, metadata)
+                   FROM STDIN WITH (FORMAT csv)""",
+                copy_rows(tenant, rows),
             )
 
     def discard_messages(self, tenant: str, batch_id: str | None, ids: Sequence[str]) -> None:

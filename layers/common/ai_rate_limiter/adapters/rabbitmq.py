@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pika
 import pika.exceptions
@@ -15,6 +15,7 @@ from ..domain.names import BrokerNames
 from ..errors import DependencyUnavailable, NotFound
 
 T = TypeVar("T")
+BULK_THRESHOLD = 20  # more messages than this go out with pipelined confirms
 DELIVERY_LIMIT = 20  # redeliveries of one message before it is dead-lettered
 PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type="application/json")
 RECOVERABLE: tuple[type[BaseException], ...] = (pika.exceptions.AMQPError, OSError)
@@ -27,6 +28,78 @@ def connection_parameters(url: str, heartbeat: int = 60) -> pika.URLParameters:
     params.connection_attempts = 1
     params.socket_timeout = 5
     return params
+
+
+class _ConfirmedBulkPublish:
+    """Publish many messages on a fresh connection with pipelined publisher confirms: all are
+    sent at once and the broker's acks are collected as they come (pika's asynchronous API),
+    instead of one round trip per message."""
+
+    def __init__(self, url: str, queue: str, bodies: Sequence[bytes], timeout_s: float) -> None:
+        self.url, self.queue, self.bodies, self.timeout_s = url, queue, bodies, timeout_s
+        self.unconfirmed: set[int] = set()
+        self.lowest = 1
+        self.nacked = self.returned = 0
+        self.error: str | None = None
+        self.done = False
+
+    def run(self) -> None:
+        conn = pika.SelectConnection(
+            connection_parameters(self.url),
+            on_open_callback=lambda c: c.channel(on_open_callback=self._on_channel),
+            on_open_error_callback=lambda c, exc: self._fail(c, f"cannot connect: {exc!r}"),
+            on_close_callback=lambda c, reason: c.ioloop.stop(),
+        )
+        self.conn = conn
+        conn.ioloop.call_later(self.timeout_s, lambda: self._fail(conn, "timed out waiting for confirms"))
+        conn.ioloop.start()
+        if self.error or not self.done:
+            raise DependencyUnavailable(f"rabbitmq: {self.error or 'connection closed'}")
+        if self.returned:
+            raise NotFound("The queue's broker queue does not exist.")
+        if self.nacked:
+            raise DependencyUnavailable(f"rabbitmq refused {self.nacked} message(s)")
+
+    def _fail(self, conn: pika.SelectConnection, why: str) -> None:
+        if not self.done and self.error is None:
+            self.error = why
+        if conn.is_open:
+            conn.close()
+        elif not conn.is_closing:
+            conn.ioloop.stop()
+
+    def _on_channel(self, ch: Any) -> None:
+        ch.add_on_close_callback(lambda c, reason: self._fail(self.conn, f"channel closed: {reason}"))
+        ch.add_on_return_callback(self._on_return)
+        ch.confirm_delivery(self._on_confirm, callback=lambda _: self._publish_all(ch))
+
+    def _publish_all(self, ch: Any) -> None:
+        self.unconfirmed = set(range(1, len(self.bodies) + 1))
+        for body in self.bodies:
+            ch.basic_publish("", self.queue, body, PERSISTENT, mandatory=True)
+        if not self.bodies:
+            self._finish()
+
+    def _on_return(self, *_: Any) -> None:
+        self.returned += 1
+
+    def _on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        if method.multiple:  # every tag up to this one; tags are sequential from 1
+            tags = range(self.lowest, method.delivery_tag + 1)
+            self.lowest = max(self.lowest, method.delivery_tag + 1)
+        else:
+            tags = range(method.delivery_tag, method.delivery_tag + 1)
+        before = len(self.unconfirmed)
+        self.unconfirmed.difference_update(tags)
+        if isinstance(method, pika.spec.Basic.Nack):
+            self.nacked += before - len(self.unconfirmed)
+        if not self.unconfirmed:
+            self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        self.conn.close()
 
 
 class Broker:
@@ -98,6 +171,9 @@ class Broker:
 
     def publish(self, queue: str, bodies: Sequence[bytes]) -> None:
         """Publish persistent messages; returns once the broker has confirmed every one."""
+        if len(bodies) > BULK_THRESHOLD:
+            _ConfirmedBulkPublish(self.url, queue, bodies, timeout_s=30 + len(bodies) / 1000).run()
+            return
 
         def op(ch: BlockingChannel) -> None:
             for body in bodies:
