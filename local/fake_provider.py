@@ -41,9 +41,27 @@ class KeyStats:
     over_limit: int = 0
     # The shortest time that held limit + 1 arrivals: above `window` means never over the limit.
     min_span_s: float | None = None
+    token_limit: int = 0
+    tokens: int = 0
+    token_rate_limited: int = 0
+    max_tokens_in_window: int = 0
+    bucket: float = 0.0
+    bucket_at: float | None = None
+    first_at: float | None = None  # wall clock of the first and last admitted request
+    last_at: float | None = None
+    token_log: deque[tuple[float, int]] = field(default_factory=deque)
     recent: deque[float] = field(default_factory=deque)
     seen: deque[float] = field(default_factory=deque)
     admitted: deque[float] = field(default_factory=deque)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    admitted: bool
+    kind: str  # which limit answered: "requests" or "tokens"
+    retry_s: float
+    remaining: int
+    limit: int
 
 
 @dataclass
@@ -56,29 +74,39 @@ class Settings:
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+HIDDEN = ("seen", "admitted", "recent", "token_log", "bucket", "bucket_at")
+
+
 class State:
     def __init__(self, settings: Settings) -> None:
         self.lock = threading.Lock()
         self.settings = settings
         self.stats: dict[str, KeyStats] = {}
 
-    def limit_for(self, key: str) -> tuple[int, float]:
+    def limit_for(self, key: str) -> tuple[int, float, int]:
+        """(requests, window, tokens) allowed for this key; 0 means no limit."""
         own = self.settings.keys.get(key)
         if own is not None:
-            return int(own.get("limit", 0) or 0), float(own.get("window", 1.0))
-        return self.settings.limit, self.settings.window
+            return (
+                int(own.get("limit", 0) or 0),
+                float(own.get("window", 1.0)),
+                int(own.get("token_limit", 0) or 0),
+            )
+        return self.settings.limit, self.settings.window, 0
 
-    def admit(self, key: str) -> tuple[bool, float, int, int]:
-        """Count the arrival; (admitted, seconds until a slot frees, remaining, limit)."""
+    def admit(self, key: str, tokens: int) -> Verdict:
+        """Count the arrival against a sliding window of requests and a bucket of tokens."""
         now = time.monotonic()
         with self.lock:
-            limit, window = self.limit_for(key)
+            limit, window, token_limit = self.limit_for(key)
             st = self.stats.setdefault(key, KeyStats(limit=limit, window=window))
-            st.limit, st.window = limit, window
+            st.limit, st.window, st.token_limit = limit, window, token_limit
             st.requests += 1
             for q in (st.seen, st.admitted):
                 while q and q[0] <= now - window:
                     q.popleft()
+            while st.token_log and st.token_log[0][0] <= now - window:
+                st.token_log.popleft()
             st.seen.append(now)
             if limit:
                 st.recent.append(now)
@@ -92,11 +120,27 @@ class State:
                 st.over_limit += 1
             if limit and len(st.admitted) >= limit:
                 st.rate_limited += 1
-                return False, st.admitted[0] + window - now, 0, limit
+                return Verdict(False, "requests", st.admitted[0] + window - now, 0, limit)
+            if token_limit:
+                if st.bucket_at is None:
+                    st.bucket, st.bucket_at = float(token_limit), now
+                st.bucket = min(token_limit, st.bucket + (now - st.bucket_at) * token_limit / window)
+                st.bucket_at = now
+                if st.bucket < tokens:
+                    st.rate_limited += 1
+                    st.token_rate_limited += 1
+                    wait = (tokens - st.bucket) * window / token_limit
+                    return Verdict(False, "tokens", wait, 0, token_limit)
+                st.bucket -= tokens
+                st.token_log.append((now, tokens))
+                st.tokens += tokens
+                st.max_tokens_in_window = max(st.max_tokens_in_window, sum(n for _, n in st.token_log))
             st.admitted.append(now)
+            st.first_at = st.first_at or time.time()
+            st.last_at = time.time()
             remaining = limit - len(st.admitted) if limit else 1_000_000
             reset = st.admitted[0] + window - now if limit else 0.0
-            return True, reset, remaining, limit
+            return Verdict(True, "requests", reset, remaining, limit)
 
     def record(self, key: str, ok: bool) -> None:
         with self.lock:
@@ -108,10 +152,7 @@ class State:
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
-            keys = {
-                k: {f: v for f, v in asdict(s).items() if f not in ("seen", "admitted", "recent")}
-                for k, s in self.stats.items()
-            }
+            keys = {k: {f: v for f, v in asdict(s).items() if f not in HIDDEN} for k, s in self.stats.items()}
             config = asdict(self.settings)
         total = {
             f: sum(k[f] for k in keys.values())
@@ -288,25 +329,29 @@ class Handler(BaseHTTPRequestHandler):
                 "You exceeded your current quota, please check your plan and billing details.",
             )
             return
-        admitted, retry_s, remaining, limit = self.state.admit(key)
-        reset = datetime.now(UTC) + timedelta(seconds=retry_s)
+        out = anthropic_message(body) if dialect == "anthropic" else openai_completion(body, model)
+        used = out["usage"]
+        cost = used.get("total_tokens") or used.get("input_tokens", 0) + used.get("output_tokens", 0)
+        v = self.state.admit(key, cost)
+        reset = datetime.now(UTC) + timedelta(seconds=v.retry_s)
+        kind = v.kind
         if dialect == "anthropic":
             headers = {
-                "anthropic-ratelimit-requests-limit": str(limit),
-                "anthropic-ratelimit-requests-remaining": str(remaining),
-                "anthropic-ratelimit-requests-reset": reset.isoformat(),
+                f"anthropic-ratelimit-{kind}-limit": str(v.limit),
+                f"anthropic-ratelimit-{kind}-remaining": str(v.remaining),
+                f"anthropic-ratelimit-{kind}-reset": reset.isoformat(),
             }
         else:
             headers = {
-                "x-ratelimit-limit-requests": str(limit),
-                "x-ratelimit-remaining-requests": str(remaining),
-                "x-ratelimit-reset-requests": f"{retry_s:.3f}s",
+                f"x-ratelimit-limit-{kind}": str(v.limit),
+                f"x-ratelimit-remaining-{kind}": str(v.remaining),
+                f"x-ratelimit-reset-{kind}": f"{v.retry_s:.3f}s",
             }
-        if not admitted:
-            headers["retry-after"] = str(max(1, math.ceil(retry_s)))
-            headers["retry-after-ms"] = str(max(1, math.ceil(retry_s * 1000)))
-            kind = "rate_limit_error" if dialect == "anthropic" else "requests"
-            self.error(dialect, 429, kind, f"Rate limit reached: {limit} requests per window.", headers)
+        if not v.admitted:
+            headers["retry-after"] = str(max(1, math.ceil(v.retry_s)))
+            headers["retry-after-ms"] = str(max(1, math.ceil(v.retry_s * 1000)))
+            error_kind = "rate_limit_error" if dialect == "anthropic" else kind
+            self.error(dialect, 429, error_kind, f"Rate limit reached: {v.limit} {kind} per window.", headers)
             return
         s = self.state.settings
         delay = max(0.0, s.latency_ms + random.uniform(-s.jitter_ms, s.jitter_ms)) / 1000
@@ -321,7 +366,6 @@ class Handler(BaseHTTPRequestHandler):
             )
             return
         self.state.record(key, ok=True)
-        out = anthropic_message(body) if dialect == "anthropic" else openai_completion(body, model)
         headers["x-request-id"] = f"req_{uuid.uuid4().hex[:16]}"
         self.send_json(200, out, headers)
 

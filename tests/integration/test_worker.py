@@ -240,3 +240,29 @@ def test_postgres_down_redelivers_the_whole_batch(
     monkeypatch.setattr(container.store, "claim", down)
     with pytest.raises(DependencyUnavailable):
         processing.handle_event(container, event, 30)
+
+
+def test_a_token_limit_paces_by_tokens_and_settles_with_reported_usage(
+    container: Container, fake: FakeProvider
+) -> None:
+    q = make_queue(
+        container,
+        fake.url,
+        {
+            "limit": 1000,
+            "token_limit": 600,
+            "time_window": 1,
+            "config": {"endpoint": fake.url, "max_tokens": 40},
+        },
+    )
+    key = container.store.queue_providers(T, q)[0][0]["api_key"]
+    fake.configure(keys={key: {"limit": 1000, "window": 1.0, "token_limit": 600}})
+    started = time.monotonic()
+    ids = submit(container, q, *[f"Tell me something short about the number {i}" for i in range(30)])
+    assert run(container, q, 30)["completed"] == 30
+    elapsed = time.monotonic() - started
+    used = sum(messages.read(container, T, i)["usage"]["total_tokens"] for i in ids)
+    stats = fake.stats()["keys"][key]
+    assert stats["rate_limited"] == 0 and stats["tokens"] == used
+    # Tokens, not requests, set the pace: at least the reported usage beyond one window's worth.
+    assert elapsed >= (used - 600) / 600 * 0.9

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -120,3 +121,34 @@ def test_rate_limit_headers_that_say_a_limit_is_used_up() -> None:
         now=now,
     ) == [Exhausted("tokens", 4.0)]
     assert exhausted({"x-ratelimit-remaining-requests": "3"}) == []
+
+
+def test_token_estimates_count_the_prompt_and_reserve_the_answer() -> None:
+    from ai_rate_limiter.domain import tokens
+
+    req = ChatRequest(
+        messages=[{"role": "user", "content": "Hello there, how are you today?"}],
+        system="Be brief.",
+        max_tokens=50,
+    )
+    openai_p = provider()
+    assert 10 <= tokens.input_tokens(openai_p, req) <= 30
+    assert tokens.estimate(openai_p, req) == tokens.input_tokens(openai_p, req) + 50
+    claude = provider(type=ProviderType.ANTHROPIC)
+    assert (
+        tokens.input_tokens(claude, req)
+        == math.ceil(len("Be brief.") / 3.5) + 5 + math.ceil(len("Hello there, how are you today?") / 3.5) + 5
+    )
+    no_max = ChatRequest(messages=[{"role": "user", "content": "x"}])
+    assert tokens.max_output_tokens(provider(config={"max_tokens": 7}), no_max) == 7
+    assert tokens.max_output_tokens(openai_p, no_max) == tokens.DEFAULT_MAX_TOKENS
+
+
+def test_token_limits_are_charged_and_settled() -> None:
+    from ai_rate_limiter.domain.limits import provider_limits, settlement
+
+    p = provider(limit=100, time_window=2.0, token_limit=10_000)
+    req_limit, tok_limit = provider_limits(p, Headroom(0, 0), tokens=500)
+    assert (req_limit.increment_us, tok_limit.increment_us) == (20_000, 100_000)
+    assert settlement(p, Headroom(0, 0), reserved=500, used=200) == {tok_limit.key: -60_000}
+    assert settlement(provider(), Headroom(0, 0), 500, 200) == {}

@@ -13,6 +13,7 @@ import openai
 
 from ..domain.backoff import retry_after_s
 from ..domain.models import ChatRequest, Provider, ProviderResult, ProviderType, Usage
+from ..domain.tokens import DEFAULT_MAX_TOKENS
 from ..errors import (
     ProviderError,
     ProviderRejected,
@@ -22,7 +23,7 @@ from ..errors import (
 )
 
 DEFAULT_AZURE_API_VERSION = "2024-10-21"
-ANTHROPIC_DEFAULT_MAX_TOKENS = 1024
+ANTHROPIC_DEFAULT_MAX_TOKENS = DEFAULT_MAX_TOKENS
 SDK_ERRORS = (openai.APIError, anthropic.APIError)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from importlib.resources import files
 
@@ -22,11 +23,18 @@ class RedisLimiter:
         )
         self._reserve = self.client.register_script(script("reserve.lua"))
         self._push = self.client.register_script(script("push.lua"))
+        self._pending: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def reserve(self, candidates: Sequence[Sequence[Limit]], max_wait_s: float) -> Reservation:
-        """Commit the soonest slot among `candidates` if it starts within `max_wait_s`."""
-        keys: list[str] = []
-        args: list[int] = [int(max_wait_s * 1_000_000), len(candidates)]
+        """Commit the soonest slot among `candidates` if it starts within `max_wait_s`.
+
+        Pending adjustments (`settle`) travel with this call: still one Redis call per admit."""
+        with self._lock:
+            adjustments, self._pending = self._pending, {}
+        keys: list[str] = list(adjustments)
+        args: list[int] = [int(max_wait_s * 1_000_000), len(adjustments), *adjustments.values()]
+        args.append(len(candidates))
         for limits in candidates:
             args.append(len(limits))
             for limit in limits:
@@ -35,8 +43,17 @@ class RedisLimiter:
         try:
             index, wait_us, reserved, slot_us = self._reserve(keys=keys, args=args)
         except redis.RedisError as exc:
+            self.settle(adjustments)
             raise LimiterUnavailable(f"redis: {exc}") from exc
         return Reservation(int(index) - 1, max(int(wait_us), 0) / 1_000_000, bool(reserved), int(slot_us))
+
+    def settle(self, adjustments: dict[str, int]) -> None:
+        """Move these keys' schedules by `delta_us` (negative gives time back), with the next
+        reservation this process makes."""
+        with self._lock:
+            for key, delta_us in adjustments.items():
+                if delta_us:
+                    self._pending[key] = self._pending.get(key, 0) + int(delta_us)
 
     def push(self, limits: Sequence[Limit], not_before_s: float) -> int:
         """No slot on these limits starts sooner than `not_before_s` from now (a provider's reset)."""

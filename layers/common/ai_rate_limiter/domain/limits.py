@@ -39,5 +39,25 @@ def request_limit(provider: Provider, headroom: Headroom, prefix: str = "airl:li
     return Limit(f"{prefix}:{provider.limiter_key}:req", round(interval_us))
 
 
-def provider_limits(provider: Provider, headroom: Headroom) -> list[Limit]:
-    return [request_limit(provider, headroom)]
+def per_token_us(provider: Provider, headroom: Headroom) -> float:
+    assert provider.token_limit, "only providers with a token limit"
+    return headroom.window(provider.time_window) * 1_000_000 / provider.token_limit
+
+
+def token_key(provider: Provider, prefix: str = "airl:lim") -> str:
+    return f"{prefix}:{provider.limiter_key}:tok"
+
+
+def provider_limits(provider: Provider, headroom: Headroom, tokens: int = 0) -> list[Limit]:
+    """The request limit and, if the provider has one, the token limit charged `tokens`."""
+    limits = [request_limit(provider, headroom)]
+    if provider.token_limit:
+        limits.append(Limit(token_key(provider), round(tokens * per_token_us(provider, headroom))))
+    return limits
+
+
+def settlement(provider: Provider, headroom: Headroom, reserved: int, used: int) -> dict[str, int]:
+    """What to move the token schedule by once the provider has said how many were used."""
+    if not provider.token_limit or used == reserved:
+        return {}
+    return {token_key(provider): round((used - reserved) * per_token_us(provider, headroom))}

@@ -1,23 +1,38 @@
 -- GCRA reservation over one or more candidate providers, each with one or more limits.
 --
--- KEYS: the limit keys of every candidate, in order.
+-- KEYS: first the keys of the pending adjustments, then the limit keys of every candidate.
 -- ARGV[1]: max_wait_us  - reserve only if the slot starts within this many microseconds
--- ARGV[2]: n_candidates
--- then per candidate: n_limits, and per limit: increment_us, tolerance_us
+-- ARGV[2]: n_adjustments, then one delta_us per adjustment key: settles earlier reservations
+--          (a token estimate against the provider's reported usage); applied first
+-- then: n_candidates, and per candidate: n_limits, and per limit: increment_us, tolerance_us
 --   increment_us: emission interval times cost (window / limit * cost)
 --   tolerance_us: how far ahead of the theoretical arrival time a request may start (0 = strict)
 --
 -- Picks the candidate whose slot starts soonest, commits that slot on all of its limits at
 -- once, and returns {candidate_index (1-based), wait_us, reserved (1|0), slot_us}, where slot_us
--- is the slot's start on the Redis clock.
--- Time comes from Redis TIME so that workers never compare clocks. Keys expire when idle.
+-- is the slot's start on the Redis clock. Time comes from Redis TIME so that workers never
+-- compare clocks. Every key expires once its schedule is in the past.
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local max_wait = tonumber(ARGV[1])
-local n_candidates = tonumber(ARGV[2])
 
-local a, k = 3, 1
+local function store(key, tat)
+  redis.call('SET', key, string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+end
+
+local n_adjust = tonumber(ARGV[2])
+for i = 1, n_adjust do
+  local tat = tonumber(redis.call('GET', KEYS[i]) or 'nil')
+  if tat then
+    local adjusted = tat + tonumber(ARGV[2 + i])
+    if adjusted < now then adjusted = now end
+    store(KEYS[i], adjusted)
+  end
+end
+
+local n_candidates = tonumber(ARGV[3 + n_adjust])
+local a, k = 4 + n_adjust, 1 + n_adjust
 local best, best_start, best_a, best_k, best_n
 for c = 1, n_candidates do
   local n = tonumber(ARGV[a])
@@ -42,7 +57,6 @@ for i = 0, best_n - 1 do
   local key = KEYS[best_k + i]
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat < best_start then tat = best_start end
-  local new_tat = tat + tonumber(ARGV[best_a + 1 + 2 * i])
-  redis.call('SET', key, string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+  store(key, tat + tonumber(ARGV[best_a + 1 + 2 * i]))
 end
 return {best, wait, 1, best_start}

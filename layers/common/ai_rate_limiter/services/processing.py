@@ -18,9 +18,10 @@ from typing import Any
 
 from ..adapters.postgres import provider_from_row
 from ..bootstrap import Container
+from ..domain import tokens
 from ..domain.backoff import backoff_s
 from ..domain.feedback import exhausted
-from ..domain.limits import Headroom, Limit, provider_limits
+from ..domain.limits import Headroom, Limit, provider_limits, settlement
 from ..domain.models import ClaimedMessage, Provider
 from ..domain.rmq_event import parse_event
 from ..errors import (
@@ -135,7 +136,8 @@ def _attempt_until_done(
         c.store.fail(m, "The queue has no usable provider (deleted or out of quota).", None, counted=False)
         return "failed"
     headroom = Headroom(s.limiter_guard_s, s.limiter_margin)
-    limits = [provider_limits(p, headroom) for p in candidates]
+    costs = [tokens.estimate(p, m.request) if p.token_limit else 0 for p in candidates]
+    limits = [provider_limits(p, headroom, cost) for p, cost in zip(candidates, costs, strict=True)]
     failing: set[int] = set()  # providers that just failed with 5xx/timeouts: try the others first
     while True:
         usable = [i for i in range(len(candidates)) if i not in failing] or list(range(len(candidates)))
@@ -158,6 +160,7 @@ def _attempt_until_done(
             # Every worker waits until the provider's reset; this try is not counted.
             pause = exc.retry_after_s or backoff_s(1, base=1.0)
             log.warning("429 from %s; all workers wait %.2fs", provider.name, pause)
+            c.limiter.settle(settlement(provider, headroom, costs[index], 0))
             c.limiter.push(limits[index], pause)
             pause, counted, error = 0.0, False, exc.detail
         except ProviderError as exc:
@@ -168,6 +171,7 @@ def _attempt_until_done(
             failing.add(index)
             counted, error = True, exc.detail
         else:
+            c.limiter.settle(settlement(provider, headroom, costs[index], result.usage.total_tokens))
             react_to_headers(c, limits[index], result.headers)
             return "completed" if c.store.complete(m, provider, result) else "lost"
         if pause > deadline.remaining() - call_budget - SAFETY_S:

@@ -1,0 +1,60 @@
+"""How many tokens a request will use, estimated before it is sent.
+
+OpenAI-family models (OpenAI, Azure, DeepSeek) are counted with OpenAI's BPE encodings
+(o200k_base / cl100k_base, as tiktoken defines them, from the `bpe-openai` package, which ships
+them; tiktoken itself downloads them at first use) plus the chat format's overhead of 4 tokens
+a message and 3 for the reply. Claude models: characters / 3.5, Anthropic's own rule of thumb,
+plus 5 a message. Either way the estimate is settled against the usage the provider reports.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+from .models import ChatRequest, Provider, ProviderType
+
+DEFAULT_MAX_TOKENS = 1024  # reserved for the answer when neither message nor provider sets max_tokens
+CHARS_PER_TOKEN = 3.5
+
+
+@lru_cache(maxsize=32)
+def _encoding(model: str) -> Any:
+    try:
+        import bpe_openai
+    except ImportError:  # pragma: no cover - the estimate below still works
+        return None
+    try:
+        return bpe_openai.encoding_for_model(model)
+    except Exception:
+        return bpe_openai.get_encoding("o200k_base")
+
+
+def _texts(req: ChatRequest) -> list[str]:
+    texts = [req.system] if req.system else []
+    for m in req.messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            texts += [str(part.get("text", "")) for part in content if isinstance(part, dict)]
+        else:
+            texts.append(str(content or ""))
+    return texts
+
+
+def input_tokens(provider: Provider, req: ChatRequest) -> int:
+    texts = _texts(req)
+    if provider.type is not ProviderType.ANTHROPIC:
+        enc = _encoding(req.model or provider.model)
+        if enc is not None:
+            return sum(len(enc.encode_ordinary(t)) + 4 for t in texts) + 3
+    return sum(math.ceil(len(t) / CHARS_PER_TOKEN) + 5 for t in texts)
+
+
+def max_output_tokens(provider: Provider, req: ChatRequest) -> int:
+    return int(req.max_tokens or provider.config.get("max_tokens") or DEFAULT_MAX_TOKENS)
+
+
+def estimate(provider: Provider, req: ChatRequest) -> int:
+    """Tokens to reserve: the prompt as counted here plus the most the answer may use."""
+    return input_tokens(provider, req) + max_output_tokens(provider, req)
