@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install up test lint unit integration e2e migrate check-services validate clean
+.PHONY: install up test lint unit integration e2e migrate check-services validate bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ integration: install check-services
 
 e2e: install check-services
 	$(BIN)/python -m pytest tests/e2e
+
+## The benchmark: a table, and bench-results.json at the repository root.
+bench: install check-services
+	$(BIN)/python -m local.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

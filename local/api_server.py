@@ -12,9 +12,19 @@ import threading
 
 from ai_rate_limiter.config import Settings
 from chalice.config import Config
-from chalice.local import LocalDevServer
+from chalice.local import ChaliceRequestHandler, LocalDevServer
 
 from local.functions import load
+
+
+class RequestHandler(ChaliceRequestHandler):
+    """Access lines go to the log (INFO), not straight to stderr. TCP_NODELAY: headers and
+    body are separate writes, which Nagle's algorithm would hold back for a delayed ACK."""
+
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: object) -> None:
+        logging.getLogger("api.access").info("%s " + format, self.address_string(), *args)
 
 
 def main() -> None:
@@ -22,7 +32,7 @@ def main() -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s api %(levelname)s %(message)s")
     logging.getLogger("pika").setLevel(logging.WARNING)
     app = load("api", "app").app
-    server = LocalDevServer(app, Config(), settings.api_host, settings.api_port)
+    server = LocalDevServer(app, Config(), settings.api_host, settings.api_port, handler_cls=RequestHandler)
     server.server.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     with contextlib.suppress(KeyboardInterrupt):

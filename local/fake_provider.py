@@ -229,6 +229,7 @@ def anthropic_message(body: dict[str, Any]) -> dict[str, Any]:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "FakeProvider/1.0"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
     state: State
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -331,7 +332,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         out = anthropic_message(body) if dialect == "anthropic" else openai_completion(body, model)
         used = out["usage"]
-        cost = used.get("total_tokens") or used.get("input_tokens", 0) + used.get("output_tokens", 0)
+        if dialect == "anthropic":  # the tokens actually used
+            cost = used["input_tokens"] + used["output_tokens"]
+        else:  # as OpenAI counts: the prompt plus max_tokens, whatever the answer's length
+            ceiling = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+            cost = used["prompt_tokens"] + max(int(ceiling), used["completion_tokens"])
         v = self.state.admit(key, cost)
         reset = datetime.now(UTC) + timedelta(seconds=v.retry_s)
         kind = v.kind

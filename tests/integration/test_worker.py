@@ -261,7 +261,8 @@ def test_a_token_limit_paces_by_tokens_and_settles_with_reported_usage(
     ids = submit(container, q, *[f"Tell me something short about the number {i}" for i in range(30)])
     assert run(container, q, 30)["completed"] == 30
     elapsed = time.monotonic() - started
-    used = sum(messages.read(container, T, i)["usage"]["total_tokens"] for i in ids)
+    # As OpenAI counts them: each prompt plus its max_tokens (40), whatever the answer's length.
+    used = sum(messages.read(container, T, i)["usage"]["prompt_tokens"] + 40 for i in ids)
     stats = fake.stats()["keys"][key]
     assert stats["rate_limited"] == 0 and stats["tokens"] == used
     # Tokens, not requests, set the pace: at least the reported usage beyond one window's worth.

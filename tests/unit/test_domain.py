@@ -152,3 +152,11 @@ def test_token_limits_are_charged_and_settled() -> None:
     assert (req_limit.increment_us, tok_limit.increment_us) == (20_000, 100_000)
     assert settlement(p, Headroom(0, 0), reserved=500, used=200) == {tok_limit.key: -60_000}
     assert settlement(provider(), Headroom(0, 0), 500, 200) == {}
+
+
+def test_tokens_charged_as_each_provider_counts_them() -> None:
+    from ai_rate_limiter.domain import tokens
+
+    req = ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=50)
+    assert tokens.charged(provider(), req, prompt_tokens=10, completion_tokens=7) == 60
+    assert tokens.charged(provider(type=ProviderType.ANTHROPIC), req, 10, 7) == 17

@@ -21,7 +21,7 @@ class Container:
 
     @cached_property
     def db(self) -> Database:
-        return Database(self.settings.database_url, maxconn=self.settings.worker_concurrency + 8)
+        return Database(self.settings.database_url, maxconn=self.settings.db_pool_size)
 
     @cached_property
     def store(self) -> Store:

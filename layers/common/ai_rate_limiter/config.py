@@ -28,6 +28,7 @@ class Settings:
     worker_batching_window_s: float = 0.5
     worker_timeout_s: float = 300.0
     worker_concurrency: int = 64
+    db_pool_size: int = 16  # Postgres connections per process, kept open
     queue_poll_s: float = 1.0
     max_attempts: int = 5
     provider_timeout_s: float = 60.0

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
+import queue
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -15,7 +17,6 @@ from typing import Any
 import psycopg2
 import psycopg2.errors
 import psycopg2.extras
-import psycopg2.pool
 
 from ..domain.models import ChatRequest, ClaimedMessage, Provider, ProviderResult, ProviderType
 from ..errors import Conflict, DependencyUnavailable, NotFound
@@ -31,36 +32,48 @@ PROVIDER_COLUMNS = (
 
 
 class Database:
-    """A lazily opened pool; `tx()` is one transaction, retried once on a dropped connection."""
+    """A blocking pool of at most `maxconn` connections, opened as needed and kept open (so a
+    busy worker does not pay a new Postgres backend per transaction); `tx()` is one
+    transaction. A connection that broke is dropped, and the error says Postgres is down."""
 
-    def __init__(self, url: str, maxconn: int = 32) -> None:
+    def __init__(self, url: str, maxconn: int = 16) -> None:
         self.url = url
         self.maxconn = maxconn
-        self._pool: psycopg2.pool.ThreadedConnectionPool | None = None
-        self._lock = threading.Lock()
+        self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(maxconn)
 
-    def _get_pool(self) -> psycopg2.pool.ThreadedConnectionPool:
-        with self._lock:
-            if self._pool is None:
-                try:
-                    self._pool = psycopg2.pool.ThreadedConnectionPool(
-                        1,
-                        self.maxconn,
-                        self.url,
-                        connect_timeout=5,
-                        cursor_factory=psycopg2.extras.RealDictCursor,
-                    )
-                except psycopg2.OperationalError as exc:
-                    raise DependencyUnavailable(f"postgres unreachable: {exc}".strip()) from exc
-            return self._pool
+    def _connect(self) -> Any:
+        try:
+            return psycopg2.connect(
+                self.url, connect_timeout=5, cursor_factory=psycopg2.extras.RealDictCursor
+            )
+        except psycopg2.OperationalError as exc:
+            raise DependencyUnavailable(f"postgres unreachable: {exc}".strip()) from exc
+
+    def _take(self) -> Any:
+        if not self._slots.acquire(timeout=30):
+            raise DependencyUnavailable("postgres: no connection free for 30 s")
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            return self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def _give_back(self, conn: Any, broken: bool) -> None:
+        if broken or conn.closed:
+            with contextlib.suppress(psycopg2.Error):
+                conn.close()
+        else:
+            self._idle.put(conn)
+        self._slots.release()
 
     @contextmanager
     def tx(self) -> Iterator[Any]:
-        pool = self._get_pool()
-        try:
-            conn = pool.getconn()
-        except psycopg2.OperationalError as exc:
-            raise DependencyUnavailable(f"postgres unreachable: {exc}".strip()) from exc
+        conn = self._take()
         broken = False
         try:
             with conn.cursor() as cur:
@@ -74,13 +87,16 @@ class Database:
                 conn.rollback()
             raise
         finally:
-            pool.putconn(conn, close=broken or bool(conn.closed))
+            self._give_back(conn, broken)
 
     def close(self) -> None:
-        with self._lock:
-            if self._pool is not None:
-                self._pool.closeall()
-                self._pool = None
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            with contextlib.suppress(psycopg2.Error):
+                conn.close()
 
 
 def copy_rows(tenant: str, rows: Sequence[Row]) -> io.StringIO:

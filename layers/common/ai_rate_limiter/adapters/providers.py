@@ -120,13 +120,14 @@ class ProviderGateway:
         messages = list(req.messages)
         if req.system:
             messages.insert(0, {"role": "system", "content": req.system})
-        raw = self._client(p).chat.completions.with_raw_response.create(
-            messages=messages, **self._params(p, req)
-        )
-        body = raw.parse()
-        text = body.choices[0].message.content or "" if body.choices else ""
-        usage = Usage(body.usage.prompt_tokens, body.usage.completion_tokens) if body.usage else Usage()
-        return text, usage, raw.http_response.json(), body.model, dict(raw.headers)
+        params = self._params(p, req)
+        raw = self._client(p).chat.completions.with_raw_response.create(messages=messages, **params)
+        body = answer_json(raw, p)
+        choices = body.get("choices") or [{}]
+        text = (choices[0].get("message") or {}).get("content") or ""
+        usage = body.get("usage") or {}
+        counts = Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        return text, counts, body, body.get("model", params["model"]), dict(raw.headers)
 
     def _anthropic(self, p: Provider, req: ChatRequest) -> tuple[Any, ...]:
         params = self._params(p, req)
@@ -134,7 +135,19 @@ class ProviderGateway:
         if req.system:
             params["system"] = req.system
         raw = self._client(p).messages.with_raw_response.create(messages=list(req.messages), **params)
-        body = raw.parse()
-        text = "".join(getattr(block, "text", "") for block in body.content)
-        usage = Usage(body.usage.input_tokens, body.usage.output_tokens)
-        return text, usage, raw.http_response.json(), body.model, dict(raw.headers)
+        body = answer_json(raw, p)
+        text = "".join(str(b.get("text", "")) for b in body.get("content") or [] if b.get("type") == "text")
+        usage = body.get("usage") or {}
+        counts = Usage(int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0))
+        return text, counts, body, body.get("model", params["model"]), dict(raw.headers)
+
+
+def answer_json(raw: Any, p: Provider) -> dict[str, Any]:
+    """The answer's JSON as the provider sent it (kept whole beside the extracted text)."""
+    try:
+        body = raw.http_response.json()
+    except ValueError:
+        raise ProviderUnavailable(f"{p.name}: the answer was not JSON") from None
+    if not isinstance(body, dict):
+        raise ProviderUnavailable(f"{p.name}: the answer was not a JSON object")
+    return body

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections.abc import Sequence
 from importlib.resources import files
 
 import redis
 
-from ..domain.limits import Limit, Reservation
+from ..domain.limits import ClockOffset, Limit, Reservation
 from ..errors import LimiterUnavailable
 
 
@@ -25,11 +27,12 @@ class RedisLimiter:
         self._push = self.client.register_script(script("push.lua"))
         self._pending: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._clock = ClockOffset()
 
     def reserve(self, candidates: Sequence[Sequence[Limit]], max_wait_s: float) -> Reservation:
         """Commit the soonest slot among `candidates` if it starts within `max_wait_s`.
 
-        Pending adjustments (`settle`) travel with this call: still one Redis call per admit."""
+        Adjustments that could not be sent earlier (`settle`) travel with this call."""
         with self._lock:
             adjustments, self._pending = self._pending, {}
         keys: list[str] = list(adjustments)
@@ -40,16 +43,29 @@ class RedisLimiter:
             for limit in limits:
                 keys.append(limit.key)
                 args += [limit.increment_us, limit.tolerance_us]
+        sent = time.monotonic()
         try:
             index, wait_us, reserved, slot_us = self._reserve(keys=keys, args=args)
         except redis.RedisError as exc:
-            self.settle(adjustments)
+            self._defer(adjustments)
             raise LimiterUnavailable(f"redis: {exc}") from exc
-        return Reservation(int(index) - 1, max(int(wait_us), 0) / 1_000_000, bool(reserved), int(slot_us))
+        answered = time.monotonic()
+        slot_us, wait_us = int(slot_us), int(wait_us)
+        with self._lock:
+            self._clock.observe((slot_us - wait_us) / 1e6, sent, answered)
+            earliest, latest = self._clock.local_bounds(slot_us / 1e6)
+        return Reservation(int(index) - 1, max(wait_us, 0) / 1e6, bool(reserved), slot_us, earliest, latest)
 
     def settle(self, adjustments: dict[str, int]) -> None:
-        """Move these keys' schedules by `delta_us` (negative gives time back), with the next
-        reservation this process makes."""
+        """Move these keys' schedules by `delta_us` (negative gives time back) at once: time
+        given back after the schedule has run past it is lost. If Redis cannot be reached,
+        the adjustment goes with the next reservation instead."""
+        self._defer(adjustments)
+        if adjustments:
+            with contextlib.suppress(LimiterUnavailable):
+                self.reserve([], 0)
+
+    def _defer(self, adjustments: dict[str, int]) -> None:
         with self._lock:
             for key, delta_us in adjustments.items():
                 if delta_us:

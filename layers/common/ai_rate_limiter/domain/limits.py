@@ -20,6 +20,29 @@ class Reservation:
     wait_s: float
     reserved: bool
     slot_us: int = 0  # the slot's start on the limiter's (Redis) clock
+    # The slot's start on this process's monotonic clock lies in [earliest, latest].
+    earliest: float = 0.0
+    latest: float = 0.0
+
+
+class ClockOffset:
+    """The limiter's clock minus this process's, learnt from reservation round trips the way
+    NTP does: each answer bounds the offset by when the call was sent and answered, and the
+    tightest recent bound wins (a slow, queued call cannot spoil it)."""
+
+    def __init__(self, keep_s: float = 30.0) -> None:
+        self.keep_s = keep_s
+        self.low = self.high = 0.0
+        self.taken_at = -1e18
+
+    def observe(self, remote_now: float, sent: float, answered: float) -> None:
+        width, taken = answered - sent, answered
+        if width <= self.high - self.low or taken - self.taken_at > self.keep_s:
+            self.low, self.high, self.taken_at = remote_now - answered, remote_now - sent, taken
+
+    def local_bounds(self, remote_time: float) -> tuple[float, float]:
+        """When `remote_time` happens on this clock: (earliest, latest)."""
+        return remote_time - self.high, remote_time - self.low
 
 
 @dataclass(frozen=True)

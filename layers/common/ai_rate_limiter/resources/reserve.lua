@@ -32,6 +32,9 @@ for i = 1, n_adjust do
 end
 
 local n_candidates = tonumber(ARGV[3 + n_adjust])
+if n_candidates == 0 then
+  return {0, 0, 0, now}  -- only settling
+end
 local a, k = 4 + n_adjust, 1 + n_adjust
 local best, best_start, best_a, best_k, best_n
 for c = 1, n_candidates do

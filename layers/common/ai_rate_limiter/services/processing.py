@@ -171,7 +171,10 @@ def _attempt_until_done(
             failing.add(index)
             counted, error = True, exc.detail
         else:
-            c.limiter.settle(settlement(provider, headroom, costs[index], result.usage.total_tokens))
+            used = tokens.charged(
+                provider, m.request, result.usage.prompt_tokens, result.usage.completion_tokens
+            )
+            c.limiter.settle(settlement(provider, headroom, costs[index], used))
             react_to_headers(c, limits[index], result.headers)
             return "completed" if c.store.complete(m, provider, result) else "lost"
         if pause > deadline.remaining() - call_budget - SAFETY_S:
@@ -198,26 +201,24 @@ def take_slot(
     """Reserve the soonest slot and sleep until it: (candidate index, 0), or (None, wait) when
     no slot starts in time.
 
-    The slot lies between `asked + wait` and `answered + wait` on this clock. Sleeping to the
-    later bound means never sending early; measuring lateness from the earlier bound means a
-    worker that may have stalled gives its slot up and takes a fresh one, so a stall leaves a
-    gap in the schedule instead of a burst that would overfill the provider's window."""
+    The limiter says when the slot starts on this clock within the error of its clock offset.
+    Sleeping to the latest bound means never sending early; a worker that wakes up later than
+    LIMITER_LATE_S after the earliest bound gives its slot up and takes a fresh one, so a stall
+    leaves a gap in the schedule instead of a burst that would overfill the provider's window."""
     index: int | None = None
     for _ in range(MAX_LATE_WAKEUPS):
         budget = max_wait()
         if budget < 0:
             return None, 1.0
-        asked = time.monotonic()
         slot = c.limiter.reserve(limits, budget)
-        answered = time.monotonic()
         if not slot.reserved:
             return None, slot.wait_s
         index = slot.index
-        time.sleep(max(answered + slot.wait_s - time.monotonic(), 0.0))
-        late = time.monotonic() - (asked + slot.wait_s)
+        time.sleep(max(slot.latest - time.monotonic(), 0.0))
+        late = time.monotonic() - slot.earliest
         if late <= c.settings.limiter_late_s:
             break
-        log.debug("up to %.1f ms after the slot; taking a fresh one", late * 1e3)
+        log.debug("%.1f ms after the slot; taking a fresh one", late * 1e3)
     return index, 0.0
 
 
