@@ -50,6 +50,8 @@ class KeyStats:
     first_at: float | None = None  # wall clock of the first and last admitted request
     last_at: float | None = None
     token_log: deque[tuple[float, int]] = field(default_factory=deque)
+    in_flight: int = 0
+    max_in_flight: int = 0
     recent: deque[float] = field(default_factory=deque)
     seen: deque[float] = field(default_factory=deque)
     admitted: deque[float] = field(default_factory=deque)
@@ -141,6 +143,12 @@ class State:
             remaining = limit - len(st.admitted) if limit else 1_000_000
             reset = st.admitted[0] + window - now if limit else 0.0
             return Verdict(True, "requests", reset, remaining, limit)
+
+    def flight(self, key: str, step: int) -> None:
+        with self.lock:
+            st = self.stats[key]
+            st.in_flight += step
+            st.max_in_flight = max(st.max_in_flight, st.in_flight)
 
     def record(self, key: str, ok: bool) -> None:
         with self.lock:
@@ -360,7 +368,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         s = self.state.settings
         delay = max(0.0, s.latency_ms + random.uniform(-s.jitter_ms, s.jitter_ms)) / 1000
-        time.sleep(delay)
+        self.state.flight(key, +1)
+        try:
+            time.sleep(delay)
+        finally:
+            self.state.flight(key, -1)
         if s.error_rate and random.random() < s.error_rate:
             self.state.record(key, ok=False)
             self.error(

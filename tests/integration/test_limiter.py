@@ -34,7 +34,7 @@ def test_a_slot_beyond_max_wait_is_not_taken(container: Container) -> None:
 def test_the_candidate_with_the_soonest_slot_wins(container: Container) -> None:
     lim, slow, fast = container.limiter, limit(1000), limit(10)
     picks = [lim.reserve([[slow], [fast]], 10).index for _ in range(20)]
-    assert picks[0] == 0  # both free: the first listed
+    assert picks[0] == 1  # both free: the one with more capacity
     assert picks.count(1) >= 18
 
 
@@ -77,3 +77,13 @@ def test_idle_keys_expire(container: Container) -> None:
     container.limiter.reserve([[one]], 1)
     ttl_ms = container.limiter.client.pttl(one.key)
     assert 0 < ttl_ms <= 1300
+
+
+def test_free_providers_share_work_by_capacity_and_weight(container: Container) -> None:
+    lim = container.limiter
+    fast, slow = limit(10), limit(30)  # 100/s and ~33/s
+    picks = [lim.reserve([[fast], [slow]], 10).index for _ in range(40)]
+    assert 27 <= picks.count(0) <= 33  # about 3:1, as their rates
+    a, b = limit(10), limit(10)
+    weighted = [lim.reserve([[a], [b]], 10, weights=[3.0, 1.0]).index for _ in range(40)]
+    assert weighted.count(0) > weighted.count(1)

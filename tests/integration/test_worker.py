@@ -267,3 +267,21 @@ def test_a_token_limit_paces_by_tokens_and_settles_with_reported_usage(
     assert stats["rate_limited"] == 0 and stats["tokens"] == used
     # Tokens, not requests, set the pace: at least the reported usage beyond one window's worth.
     assert elapsed >= (used - 600) / 600 * 0.9
+
+
+def test_max_concurrency_caps_requests_in_flight(container: Container, fake: FakeProvider) -> None:
+    fake.configure(latency_ms=100, jitter_ms=0)
+    q = make_queue(container, fake.url, {"provider_type": "deepseek", "max_concurrency": 2})
+    key = container.store.queue_providers(T, q)[0][0]["api_key"]
+    submit(container, q, *[f"p{i}" for i in range(8)])
+    started = time.monotonic()
+    assert run(container, q, 8)["completed"] == 8
+    assert fake.stats()["keys"][key]["max_in_flight"] == 2
+    assert time.monotonic() - started >= 0.4  # four rounds of two
+    assert container.limiter.client.zcard(f"airl:lim:{provider_from_key(container, q)}:conc") == 0
+
+
+def provider_from_key(container: Container, q: str) -> str:
+    from ai_rate_limiter.adapters.postgres import provider_from_row
+
+    return provider_from_row(container.store.queue_providers(T, q)[0][0]).limiter_key

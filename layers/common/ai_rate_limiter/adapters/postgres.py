@@ -126,7 +126,7 @@ def stored_api_key(row: Row) -> str:
     return str(row["api_key"])
 
 
-def provider_from_row(row: Row) -> Provider:
+def provider_from_row(row: Row, weight: float = 1.0) -> Provider:
     return Provider(
         id=str(row["id"]),
         name=row["name"],
@@ -139,6 +139,7 @@ def provider_from_row(row: Row) -> Provider:
         config=dict(row["config"] or {}),
         status=row["status"],
         version=str(row["updated_at"]),
+        weight=weight,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from importlib.resources import files
 
@@ -25,12 +26,16 @@ class RedisLimiter:
         )
         self._reserve = self.client.register_script(script("reserve.lua"))
         self._push = self.client.register_script(script("push.lua"))
+        self._concurrency = self.client.register_script(script("concurrency.lua"))
         self._pending: dict[str, int] = {}
         self._lock = threading.Lock()
         self._clock = ClockOffset()
 
-    def reserve(self, candidates: Sequence[Sequence[Limit]], max_wait_s: float) -> Reservation:
-        """Commit the soonest slot among `candidates` if it starts within `max_wait_s`.
+    def reserve(
+        self, candidates: Sequence[Sequence[Limit]], max_wait_s: float, weights: Sequence[float] = ()
+    ) -> Reservation:
+        """Commit the slot of the candidate that serves soonest by capacity (and `weights`, 1 by
+        default) if it starts within `max_wait_s`.
 
         Adjustments that could not be sent earlier (`settle`) travel with this call."""
         with self._lock:
@@ -38,8 +43,8 @@ class RedisLimiter:
         keys: list[str] = list(adjustments)
         args: list[int] = [int(max_wait_s * 1_000_000), len(adjustments), *adjustments.values()]
         args.append(len(candidates))
-        for limits in candidates:
-            args.append(len(limits))
+        for i, limits in enumerate(candidates):
+            args += [round(1000 * (weights[i] if i < len(weights) else 1.0)), len(limits)]
             for limit in limits:
                 keys.append(limit.key)
                 args += [limit.increment_us, limit.tolerance_us]
@@ -75,6 +80,28 @@ class RedisLimiter:
         """No slot on these limits starts sooner than `not_before_s` from now (a provider's reset)."""
         try:
             return int(self._push(keys=[lim.key for lim in limits], args=[int(not_before_s * 1_000_000)]))
+        except redis.RedisError as exc:
+            raise LimiterUnavailable(f"redis: {exc}") from exc
+
+    def acquire(self, key: str, max_in_flight: int, lease_s: float) -> str | None:
+        """A place among `max_in_flight` requests, as a lease id; None when all are taken."""
+        lease = uuid.uuid4().hex
+        try:
+            taken = self._concurrency(keys=[key], args=["acquire", max_in_flight, int(lease_s * 1000), lease])
+        except redis.RedisError as exc:
+            raise LimiterUnavailable(f"redis: {exc}") from exc
+        return lease if taken else None
+
+    def release(self, key: str, lease: str) -> None:
+        try:
+            self._concurrency(keys=[key, f"{key}:wake"], args=["release", lease])
+        except redis.RedisError as exc:
+            raise LimiterUnavailable(f"redis: {exc}") from exc
+
+    def wait_for_release(self, keys: Sequence[str], timeout_s: float) -> None:
+        """Block until one of these providers frees a place (or the timeout passes)."""
+        try:
+            self.client.blpop([f"{k}:wake" for k in keys], timeout=max(timeout_s, 0.01))
         except redis.RedisError as exc:
             raise LimiterUnavailable(f"redis: {exc}") from exc
 

@@ -84,3 +84,7 @@ def settlement(provider: Provider, headroom: Headroom, reserved: int, used: int)
     if not provider.token_limit or used == reserved:
         return {}
     return {token_key(provider): round((used - reserved) * per_token_us(provider, headroom))}
+
+
+def concurrency_key(provider: Provider, prefix: str = "airl:lim") -> str:
+    return f"{prefix}:{provider.limiter_key}:conc"

@@ -55,6 +55,7 @@ class Provider:
     config: dict[str, Any] = field(default_factory=dict)
     status: str = "active"
     version: str = ""
+    weight: float = 1.0  # its share in the queue it was loaded for
 
     @property
     def model(self) -> str:

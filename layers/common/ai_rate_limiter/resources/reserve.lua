@@ -4,11 +4,15 @@
 -- ARGV[1]: max_wait_us  - reserve only if the slot starts within this many microseconds
 -- ARGV[2]: n_adjustments, then one delta_us per adjustment key: settles earlier reservations
 --          (a token estimate against the provider's reported usage); applied first
--- then: n_candidates, and per candidate: n_limits, and per limit: increment_us, tolerance_us
+-- then: n_candidates, and per candidate: weight_milli, n_limits, and per limit: increment_us,
+-- tolerance_us
+--   weight_milli: the candidate's weight times 1000 (1000 = 1)
 --   increment_us: emission interval times cost (window / limit * cost)
 --   tolerance_us: how far ahead of the theoretical arrival time a request may start (0 = strict)
 --
--- Picks the candidate whose slot starts soonest, commits that slot on all of its limits at
+-- Picks the candidate that serves soonest by capacity: the least (wait + first increment) /
+-- weight, so free providers share work in proportion to their rates (and weights), and a
+-- busy one loses to any that can start sooner. Commits that slot on all of its limits at
 -- once, and returns {candidate_index (1-based), wait_us, reserved (1|0), slot_us}, where slot_us
 -- is the slot's start on the Redis clock. Time comes from Redis TIME so that workers never
 -- compare clocks. Every key expires once its schedule is in the past.
@@ -36,17 +40,20 @@ if n_candidates == 0 then
   return {0, 0, 0, now}  -- only settling
 end
 local a, k = 4 + n_adjust, 1 + n_adjust
-local best, best_start, best_a, best_k, best_n
+local best, best_score, best_start, best_a, best_k, best_n
 for c = 1, n_candidates do
-  local n = tonumber(ARGV[a])
+  local weight = tonumber(ARGV[a]) / 1000
+  local n = tonumber(ARGV[a + 1])
+  a = a + 1
   local start = now
   for i = 0, n - 1 do
     local tat = tonumber(redis.call('GET', KEYS[k + i]) or '0')
     local allowed = tat - tonumber(ARGV[a + 2 + 2 * i])
     if allowed > start then start = allowed end
   end
-  if best == nil or start < best_start then
-    best, best_start, best_a, best_k, best_n = c, start, a, k, n
+  local score = (start - now + tonumber(ARGV[a + 1])) / weight
+  if best == nil or score < best_score then
+    best, best_score, best_start, best_a, best_k, best_n = c, score, start, a, k, n
   end
   a = a + 1 + 2 * n
   k = k + n

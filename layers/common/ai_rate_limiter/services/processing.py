@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +21,7 @@ from ..bootstrap import Container
 from ..domain import tokens
 from ..domain.backoff import backoff_s
 from ..domain.feedback import exhausted
-from ..domain.limits import Headroom, Limit, provider_limits, settlement
+from ..domain.limits import Headroom, Limit, concurrency_key, provider_limits, settlement
 from ..domain.models import ClaimedMessage, Provider
 from ..domain.rmq_event import parse_event
 from ..errors import (
@@ -77,7 +77,7 @@ def handle_event(c: Container, event: Mapping[str, Any], remaining_s: float) -> 
     for m in claimed:
         key = (m.tenant_id, m.queue_id)
         if key not in providers:
-            providers[key] = [provider_from_row(r) for r, _ in c.store.queue_providers(*key)]
+            providers[key] = [provider_from_row(r, w) for r, w in c.store.queue_providers(*key)]
     call_budget = min(c.settings.provider_timeout_s, remaining_s / 3)
 
     def run(m: ClaimedMessage) -> str:
@@ -139,18 +139,33 @@ def _attempt_until_done(
     costs = [tokens.estimate(p, m.request) if p.token_limit else 0 for p in candidates]
     limits = [provider_limits(p, headroom, cost) for p, cost in zip(candidates, costs, strict=True)]
     failing: set[int] = set()  # providers that just failed with 5xx/timeouts: try the others first
+    budget = lambda: deadline.remaining() - call_budget - SAFETY_S  # noqa: E731
     while True:
         usable = [i for i in range(len(candidates)) if i not in failing] or list(range(len(candidates)))
-        chosen, wait_s = take_slot(
-            c, [limits[i] for i in usable], lambda: deadline.remaining() - call_budget - SAFETY_S
-        )
+        free, places = take_places(c, candidates, usable, call_budget + 30)
+        if not free:  # every provider is at its max_concurrency: wait for one to free a place
+            if budget() < 0:
+                dispatch.defer(c, m, 1.0, None)
+                return "deferred"
+            c.limiter.wait_for_release([concurrency_key(candidates[i]) for i in usable], min(1.0, budget()))
+            continue
+        chosen: int | None = None
+        try:
+            chosen, wait_s = take_slot(
+                c, [limits[i] for i in free], budget, [candidates[i].weight for i in free]
+            )
+        finally:
+            give_back(c, candidates, places, keep=None if chosen is None else free[chosen])
         if chosen is None:
             dispatch.defer(c, m, wait_s, None)
             return "deferred"
-        index = usable[chosen]
+        index = free[chosen]
         provider = candidates[index]
         try:
-            result = c.providers.call(provider, m.request)
+            try:
+                result = c.providers.call(provider, m.request)
+            finally:
+                give_back(c, candidates, {index: places[index]} if index in places else {}, keep=None)
         except ProviderRejected as exc:
             if isinstance(exc, QuotaExhausted):
                 c.store.set_provider_status(provider.id, "quota_exhausted", exc.detail)
@@ -187,6 +202,28 @@ def _attempt_until_done(
         m = renewed
 
 
+def take_places(
+    c: Container, candidates: list[Provider], usable: list[int], lease_s: float
+) -> tuple[list[int], dict[int, str]]:
+    """Of `usable`, the providers with room for one more request in flight, and the leases
+    taken on those that cap it (`max_concurrency`)."""
+    free, places = [], {}
+    for i in usable:
+        p = candidates[i]
+        if not p.max_concurrency:
+            free.append(i)
+        elif lease := c.limiter.acquire(concurrency_key(p), p.max_concurrency, lease_s):
+            free.append(i)
+            places[i] = lease
+    return free, places
+
+
+def give_back(c: Container, candidates: list[Provider], places: dict[int, str], keep: int | None) -> None:
+    for i, lease in places.items():
+        if i != keep:
+            c.limiter.release(concurrency_key(candidates[i]), lease)
+
+
 def react_to_headers(c: Container, limits: list[Limit], headers: dict[str, str]) -> None:
     """A provider that says a limit is used up holds every worker until its reset."""
     for used_up in exhausted(headers):
@@ -196,7 +233,7 @@ def react_to_headers(c: Container, limits: list[Limit], headers: dict[str, str])
 
 
 def take_slot(
-    c: Container, limits: list[list[Limit]], max_wait: Callable[[], float]
+    c: Container, limits: list[list[Limit]], max_wait: Callable[[], float], weights: Sequence[float] = ()
 ) -> tuple[int | None, float]:
     """Reserve the soonest slot and sleep until it: (candidate index, 0), or (None, wait) when
     no slot starts in time.
@@ -210,7 +247,7 @@ def take_slot(
         budget = max_wait()
         if budget < 0:
             return None, 1.0
-        slot = c.limiter.reserve(limits, budget)
+        slot = c.limiter.reserve(limits, budget, weights)
         if not slot.reserved:
             return None, slot.wait_s
         index = slot.index
