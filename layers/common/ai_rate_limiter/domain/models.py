@@ -88,15 +88,13 @@ class ChatRequest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        data = {
-            "messages": self.messages,
-            "system": self.system,
-            "model": self.model,
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "extra": self.extra,
-        }
-        return {k: v for k, v in data.items() if v not in (None, {})}
+        data: dict[str, Any] = {"messages": self.messages}
+        for name in ("system", "model", "max_tokens", "temperature"):
+            if (value := getattr(self, name)) is not None:
+                data[name] = value
+        if self.extra:
+            data["extra"] = self.extra
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ChatRequest:
