@@ -16,15 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.config import Settings
 from ai_rate_limiter.migrate import ensure_database, migrate
 
 from local import fake_provider
+from local.fresh import fresh_state
 from local.services_check import unreachable
-
-TABLES = "messages, batches, queue_providers, queues, providers"
 
 
 def base_settings(**overrides: Any) -> Settings:
@@ -60,10 +58,7 @@ def settings(services: None) -> Settings:
 @pytest.fixture()
 def container(settings: Settings) -> Iterator[Container]:
     """A container on flushed services: empty tables, an empty Redis database."""
-    c = Container(settings)
-    with c.db.tx() as cur:
-        cur.execute(f"TRUNCATE {TABLES}")
-    redis.Redis.from_url(settings.redis_url).flushdb()
+    c = fresh_state(Container(settings))
     yield c
     for tenant, queue_id in c.store.all_queues():
         c.broker.delete(c.names(tenant, queue_id))

@@ -30,7 +30,7 @@ def table(title: str, rows: dict[str, dict[str, Any]], columns: list[str]) -> st
     body = [[name, *(fmt(r.get(c, "")) for c in columns)] for name, r in rows.items()]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
 
-    def line(cells):
+    def line(cells: list[Any]) -> str:
         return "  ".join(
             str(c).rjust(w) if i else str(c).ljust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=False))

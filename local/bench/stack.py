@@ -21,14 +21,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
-import redis
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.config import Settings
-from ai_rate_limiter.migrate import ensure_database, migrate
 
+from local.fresh import fresh_state
 from local.up import spawn, stop, wait_ready
 
-TABLES = "messages, batches, queue_providers, queues, providers"
 LATENCY_MS = 200
 
 
@@ -109,12 +107,7 @@ def running_stack(workers: int = 2, **overrides: str) -> Iterator[Stack]:
         }
     )
     settings = replace(base, api_port=free_port(), fake_provider_port=free_port())
-    ensure_database(settings.database_url)
-    migrate(settings.database_url)
-    container = Container(settings)
-    with container.db.tx() as cur:
-        cur.execute(f"TRUNCATE {TABLES}")
-    redis.Redis.from_url(settings.redis_url).flushdb()
+    container = fresh_state(Container(settings))
     env = {
         "DATABASE_URL": settings.database_url,
         "REDIS_URL": settings.redis_url,
@@ -208,51 +201,62 @@ def arrival_rate(stats: dict[str, Any]) -> float:
     return (stats["ok"] - 1) / span if span > 0 else 0.0
 
 
-def requests_utilization(stack: Stack, n: int, limit: int, window: float) -> dict[str, Any]:
-    key = f"sk-bench-{uuid.uuid4().hex}"
-    stack.fake_config(latency_ms=LATENCY_MS, keys={key: {"limit": limit, "window": window}})
-    q = stack.queue(stack.provider("openai", key, limit, window))
-    end_to_end = stack.run_batch(q, n, timeout=n * window / limit * 3 + 60)
-    st = stack.fake_stats(key)
-    wall = st["last_at"] - st["first_at"]
-    ideal = (n - 1) * window / limit
+def run_limited(stack: Stack, n: int, provider: dict[str, Any], fake_limits: dict[str, Any]) -> Any:
+    """One batch through one provider that the fake holds to `fake_limits`; (stats, seconds)."""
+    stack.fake_config(latency_ms=LATENCY_MS, keys={provider["api_key"]: fake_limits})
+    end_to_end = stack.run_batch(stack.queue(provider), n, timeout=600)
+    return stack.fake_stats(provider["api_key"]), end_to_end
+
+
+def utilization_row(
+    n: int, stats: dict[str, Any], ideal: float, end_to_end: float, **extra: Any
+) -> dict[str, Any]:
+    wall = stats["last_at"] - stats["first_at"]
     return {
         "n": n,
         "wall_s": round(wall, 2),
         "ideal_s": round(ideal, 2),
         "utilization": round(ideal / wall, 4),
         "end_to_end_s": round(end_to_end, 2),
-        "provider_429s": st["rate_limited"],
-        "provider_max_in_window": st["max_in_window"],
-        "provider_limit": limit,
-        "window_s": window,
-        "provider_requests": st["requests"],
+        "provider_429s": stats["rate_limited"],
+        **extra,
     }
+
+
+def requests_utilization(stack: Stack, n: int, limit: int, window: float) -> dict[str, Any]:
+    provider = stack.provider("openai", f"sk-bench-{uuid.uuid4().hex}", limit, window)
+    st, end_to_end = run_limited(stack, n, provider, {"limit": limit, "window": window})
+    return utilization_row(
+        n,
+        st,
+        (n - 1) * window / limit,
+        end_to_end,
+        provider_max_in_window=st["max_in_window"],
+        provider_limit=limit,
+        window_s=window,
+        provider_requests=st["requests"],
+    )
 
 
 def tokens_utilization(stack: Stack, n: int, token_limit: int, window: float) -> dict[str, Any]:
-    key = f"sk-bench-{uuid.uuid4().hex}"
-    stack.fake_config(
-        latency_ms=LATENCY_MS, keys={key: {"limit": 0, "window": window, "token_limit": token_limit}}
+    provider = stack.provider(
+        "openai", f"sk-bench-{uuid.uuid4().hex}", 100_000, window, token_limit=token_limit
     )
-    q = stack.queue(stack.provider("openai", key, 100_000, window, token_limit=token_limit))
-    end_to_end = stack.run_batch(q, n, timeout=n * 60 * window / token_limit * 3 + 60)
-    st = stack.fake_stats(key)
-    wall = st["last_at"] - st["first_at"]
+    st, end_to_end = run_limited(
+        stack, n, provider, {"limit": 0, "window": window, "token_limit": token_limit}
+    )
     ideal = st["tokens"] * (n - 1) / n * window / token_limit  # n - 1 gaps of the average cost
-    return {
-        "n": n,
-        "wall_s": round(wall, 2),
-        "ideal_s": round(ideal, 2),
-        "utilization": round(ideal / wall, 4),
-        "end_to_end_s": round(end_to_end, 2),
-        "provider_429s": st["rate_limited"],
-        "provider_max_in_window": st["max_tokens_in_window"],
-        "provider_limit": token_limit,
-        "window_s": window,
-        "provider_tokens": st["tokens"],
-        "unit": "tokens",
-    }
+    return utilization_row(
+        n,
+        st,
+        ideal,
+        end_to_end,
+        provider_max_in_window=st["max_tokens_in_window"],
+        provider_limit=token_limit,
+        window_s=window,
+        provider_tokens=st["tokens"],
+        unit="tokens",
+    )
 
 
 def two_providers(stack: Stack, n: int, limits: tuple[int, int], window: float) -> dict[str, Any]:

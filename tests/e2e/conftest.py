@@ -16,12 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.config import Settings
-from ai_rate_limiter.migrate import ensure_database, migrate
 
-from tests.conftest import TABLES, base_settings
+from local.fresh import fresh_state
+from tests.conftest import base_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,12 +82,7 @@ def stack(services: None) -> Iterator[Stack]:
         api_port=free_port(),
         fake_provider_port=free_port(),
     )
-    ensure_database(settings.database_url)
-    migrate(settings.database_url)
-    c = Container(settings)
-    with c.db.tx() as cur:
-        cur.execute(f"TRUNCATE {TABLES}")
-    redis.Redis.from_url(settings.redis_url).flushdb()
+    c = fresh_state(Container(settings))
     log = Path(tempfile.mkstemp(prefix="airl-e2e-", suffix=".log")[1])
     env = stack_env(settings, WORKER_BATCH_SIZE="50", WORKER_BATCHING_WINDOW_S="0.2")
     with log.open("wb") as out:

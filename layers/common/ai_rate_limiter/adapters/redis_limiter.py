@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from importlib.resources import files
+from typing import Any
 
 import redis
 
@@ -38,8 +39,10 @@ class RedisLimiter:
         default) if it starts within `max_wait_s`.
 
         Adjustments that could not be sent earlier (`settle`) travel with this call."""
-        with self._lock:
-            adjustments, self._pending = self._pending, {}
+        adjustments: dict[str, int] = {}
+        if self._pending:
+            with self._lock:
+                adjustments, self._pending = self._pending, {}
         keys: list[str] = list(adjustments)
         args: list[int] = [int(max_wait_s * 1_000_000), len(adjustments), *adjustments.values()]
         args.append(len(candidates))
@@ -50,7 +53,7 @@ class RedisLimiter:
                 args += [limit.increment_us, limit.tolerance_us]
         sent = time.monotonic()
         try:
-            index, wait_us, reserved, slot_us = self._reserve(keys=keys, args=args)
+            index, wait_us, reserved, slot_us = self._eval(self._reserve, keys, args)
         except redis.RedisError as exc:
             self._defer(adjustments)
             raise LimiterUnavailable(f"redis: {exc}") from exc
@@ -60,6 +63,14 @@ class RedisLimiter:
             self._clock.observe((slot_us - wait_us) / 1e6, sent, answered)
             earliest, latest = self._clock.local_bounds(slot_us / 1e6)
         return Reservation(int(index) - 1, max(wait_us, 0) / 1e6, bool(reserved), slot_us, earliest, latest)
+
+    def _eval(self, script: Any, keys: list[str], args: list[int]) -> Any:
+        """EVALSHA directly (redis-py's Script wrapper costs more than the script itself),
+        loading the script once if this Redis does not know it yet."""
+        try:
+            return self.client.evalsha(script.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return script(keys=keys, args=args)
 
     def settle(self, adjustments: dict[str, int]) -> None:
         """Move these keys' schedules by `delta_us` (negative gives time back) at once: time

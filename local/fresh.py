@@ -1,0 +1,19 @@
+"""Empty state for a test or benchmark run: the database exists, is migrated and empty, and
+the limiter's Redis database is flushed."""
+
+from __future__ import annotations
+
+import redis
+from ai_rate_limiter.bootstrap import Container
+from ai_rate_limiter.migrate import ensure_database, migrate
+
+TABLES = "messages, batches, queue_providers, queues, providers"
+
+
+def fresh_state(c: Container) -> Container:
+    ensure_database(c.settings.database_url)
+    migrate(c.settings.database_url)
+    with c.db.tx() as cur:
+        cur.execute(f"TRUNCATE {TABLES}")
+    redis.Redis.from_url(c.settings.redis_url).flushdb()
+    return c
