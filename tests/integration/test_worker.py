@@ -103,11 +103,13 @@ def test_server_errors_are_retried_until_an_answer(
     container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(processing, "backoff_s", lambda attempt, **kw: 0.01)
-    monkeypatch.setattr(container, "settings", replace(container.settings, max_attempts=10))
-    fake.configure(error_rate=0.3)  # all ten tries of one message fail with p = 6e-6
+    monkeypatch.setattr(container, "settings", replace(container.settings, max_attempts=24))
+    # Half the calls fail: no failure in 20 first tries has p = 1e-6, and one message failing
+    # all 24 tries p = 20 * 6e-8.
+    fake.configure(error_rate=0.5)
     q = make_queue(container, fake.url)
-    ids = submit(container, q, *[f"p{i}" for i in range(10)])
-    assert run(container, q, 10)["completed"] == 10
+    ids = submit(container, q, *[f"p{i}" for i in range(20)])
+    assert run(container, q, 20)["completed"] == 20
     stats = fake.stats()["total"]
     assert stats["server_errors"] > 0
     tries = [messages.read(container, T, i)["attempts"] for i in ids]
