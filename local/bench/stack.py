@@ -162,7 +162,7 @@ def peak_rss_mb(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
-def ingest(stack: Stack, batch_size: int = 10_000, runs: int = 3) -> dict[str, Any]:
+def ingest(stack: Stack, batch_size: int = 10_000, runs: int = 5) -> dict[str, Any]:
     """Seconds until the API answers 202 to a batch: the median of `runs` batches."""
     queue_id = stack.queue(stack.provider("openai", f"sk-bench-{uuid.uuid4().hex}", 1, 3600))
     rss_before = peak_rss_mb(stack.api_pid)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import secrets
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..bootstrap import Container
@@ -25,9 +29,28 @@ def chat_request(m: MessageFields) -> ChatRequest:
     )
 
 
-def message_row(queue_id: str, m: MessageFields, batch_id: str | None, seq: int) -> Row:
+@contextmanager
+def collection_paused() -> Iterator[None]:
+    """Building 100,000 rows allocates millions of objects; the garbage collector's passes over
+    them would more than double the time, and none of them is garbage yet."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def new_ids(n: int) -> list[str]:
+    """n random (version 4) UUIDs from one read of the system's random source."""
+    raw = secrets.token_bytes(16 * n)
+    return [str(uuid.UUID(bytes=raw[i : i + 16], version=4)) for i in range(0, 16 * n, 16)]
+
+
+def message_row(queue_id: str, m: MessageFields, batch_id: str | None, seq: int, id_: str = "") -> Row:
     return {
-        "id": str(uuid.uuid4()),
+        "id": id_ or str(uuid.uuid4()),
         "queue_id": queue_id,
         "batch_id": batch_id,
         "seq": seq,
@@ -53,9 +76,13 @@ def _submit_batch(c: Container, tenant: str, body: dict[str, Any]) -> Row:
         raise PayloadTooLarge(
             f"A batch holds at most {c.settings.max_batch_size} messages; got {len(items)}."
         )
-    batch_in = parse(BatchIn, body)
-    batch_id = str(uuid.uuid4())
-    rows = [message_row(batch_in.queue_id, m, batch_id, i) for i, m in enumerate(batch_in.messages)]
+    with collection_paused():
+        batch_in = parse(BatchIn, body)
+        batch_id = str(uuid.uuid4())
+        ids = new_ids(len(batch_in.messages))
+        rows = [
+            message_row(batch_in.queue_id, m, batch_id, i, ids[i]) for i, m in enumerate(batch_in.messages)
+        ]
     batch = {
         "id": batch_id,
         "queue_id": batch_in.queue_id,
