@@ -14,7 +14,7 @@ class Limit:
     tolerance_us: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reservation:
     index: int
     wait_s: float

@@ -22,7 +22,8 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local max_wait = tonumber(ARGV[1])
 
 local function store(key, tat)
-  redis.call('SET', key, string.format('%d', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  -- integral microseconds below 2^53: Lua writes them as plain digits
+  redis.call('SET', key, tat, 'PX', math.ceil((tat - now) / 1000) + 1000)
 end
 
 local n_adjust = tonumber(ARGV[2])
