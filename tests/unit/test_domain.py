@@ -8,7 +8,7 @@ from ai_rate_limiter.config import Settings
 from ai_rate_limiter.domain.backoff import backoff_s, retry_after_s
 from ai_rate_limiter.domain.limits import Headroom, request_limit
 from ai_rate_limiter.domain.models import ChatRequest, Provider, ProviderType, mask_key
-from ai_rate_limiter.domain.names import broker_names, queue_from_broker_name
+from ai_rate_limiter.domain.names import broker_names
 from ai_rate_limiter.domain.progress import batch_progress
 
 
@@ -62,13 +62,11 @@ def test_masked_keys_show_at_most_the_tail() -> None:
     assert mask_key("short") == "****"
 
 
-def test_broker_names_round_trip() -> None:
+def test_broker_names_come_from_one_place() -> None:
     names = broker_names("airl", "default", "my-queue")
     assert names.main == "airl.default.my-queue"
-    assert queue_from_broker_name("airl", names.main) == ("default", "my-queue")
-    assert queue_from_broker_name("airl", names.dead_letter) is None
-    assert queue_from_broker_name("airl", names.delay) is None
-    assert queue_from_broker_name("other", names.main) is None
+    assert (names.dead_letter, names.delay) == ("airl.default.my-queue.dlq", "airl.default.my-queue.delay")
+    assert broker_names("airl", "t2", "my-queue").main != names.main  # tenants never share a queue
 
 
 def test_chat_request_round_trips_through_json() -> None:
