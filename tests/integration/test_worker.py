@@ -32,6 +32,12 @@ def submit(c: Container, queue_id: str, *prompts: str) -> list[str]:
     ]
 
 
+def parked(c: Container, queue_id: str) -> int:
+    """Messages waiting in the queue's delay queue."""
+    delay = c.names(T, queue_id).delay
+    return int(c.broker._run(lambda ch: ch.queue_declare(delay, passive=True)).method.message_count)
+
+
 def run(c: Container, queue_id: str, n: int) -> dict[str, int]:
     return processing.handle_event(c, take_event(c, queue_id, n), 30)
 
@@ -200,12 +206,8 @@ def test_work_that_cannot_start_in_time_is_deferred_not_failed(
     assert result == {"completed": 1, "deferred": 1}
     statuses = sorted(messages.read(container, T, i)["status"] for i in ids)
     assert statuses == ["completed", "queued"]
-    # The deferred one is parked in the delay queue, not lost.
-    names = container.names(T, q)
-    assert (
-        container.broker._run(lambda ch: ch.queue_declare(names.delay, passive=True)).method.message_count
-        == 1
-    )
+    # The deferred one waits in the delay queue, not lost.
+    assert parked(container, q) == 1
 
 
 def test_redis_down_makes_messages_wait_not_fail(
@@ -222,11 +224,7 @@ def test_redis_down_makes_messages_wait_not_fail(
     m = messages.read(container, T, mid)
     assert m["status"] == "queued" and m["attempts"] == 0 and "redis" in m["last_error"]
     assert fake.stats()["total"]["requests"] == 0
-    names = container.names(T, q)
-    assert (
-        container.broker._run(lambda ch: ch.queue_declare(names.delay, passive=True)).method.message_count
-        == 1
-    )
+    assert parked(container, q) == 1
 
 
 def test_postgres_down_redelivers_the_whole_batch(
