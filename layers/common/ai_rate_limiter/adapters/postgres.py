@@ -248,20 +248,28 @@ class Store:
                 raise Conflict(f"Queue {queue_id} already exists.")
             for row in new_providers:
                 self._insert_provider(cur, tenant, row)
-            ids = [link["provider_id"] for link in links]
-            cur.execute(
-                "SELECT id::text FROM providers WHERE tenant_id = %s AND id = ANY(%s::uuid[])",
-                (tenant, ids),
-            )
-            missing = set(ids) - {r["id"] for r in cur.fetchall()}
-            if missing:
-                raise NotFound(f"No provider {', '.join(sorted(missing))}.")
+            self._require_providers(cur, tenant, [link["provider_id"] for link in links])
             psycopg2.extras.execute_values(
                 cur,
                 """INSERT INTO queue_providers (tenant_id, queue_id, provider_id, position, weight)
                    VALUES %s""",
                 [(tenant, queue_id, link["provider_id"], i, link["weight"]) for i, link in enumerate(links)],
             )
+
+    @staticmethod
+    def _require_providers(cur: Cursor, tenant: str, ids: Sequence[str]) -> None:
+        cur.execute(
+            "SELECT id::text FROM providers WHERE tenant_id = %s AND id = ANY(%s::uuid[])",
+            (tenant, list(ids)),
+        )
+        missing = set(ids) - {r["id"] for r in cur.fetchall()}
+        if missing:
+            raise NotFound(f"No provider {', '.join(sorted(missing))}.")
+
+    def require_providers(self, tenant: str, ids: Sequence[str]) -> None:
+        """NotFound naming every id in `ids` that is not one of the tenant's providers."""
+        with self.db.tx() as cur:
+            self._require_providers(cur, tenant, ids)
 
     def queue_exists(self, tenant: str, queue_id: str) -> bool:
         with self.db.tx() as cur:

@@ -25,12 +25,18 @@ CHARS_PER_TOKEN = 3.5
 
 
 _loading = threading.Lock()
+_loaded: set[str] = set()
 
 
 def _encoding(model: str) -> Any:
-    """The encoding for `model`, loaded once (loading takes most of a second)."""
-    with _loading:
+    """The encoding for `model`, loaded once (loading takes most of a second): the lock only
+    keeps threads from loading it side by side."""
+    if model in _loaded:
         return _load_encoding(model)
+    with _loading:
+        encoding = _load_encoding(model)
+        _loaded.add(model)
+        return encoding
 
 
 @lru_cache(maxsize=32)

@@ -27,9 +27,8 @@ def create(c: Container, tenant: str, body: Any) -> Row:
             links.append({"provider_id": row["id"], "weight": 1.0})
     if len({link["provider_id"] for link in links}) != len(links):
         raise ValidationFailed("providers: the same provider is listed twice.")
-    for link in links:
-        if link["provider_id"] not in {r["id"] for r in new_rows}:
-            c.store.get_provider(tenant, link["provider_id"])
+    created = {r["id"] for r in new_rows}
+    c.store.require_providers(tenant, [lk["provider_id"] for lk in links if lk["provider_id"] not in created])
     if c.store.queue_exists(tenant, q.queue_id):
         raise Conflict(f"Queue {q.queue_id} already exists.")
     c.broker.declare(c.names(tenant, q.queue_id))
