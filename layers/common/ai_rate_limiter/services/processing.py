@@ -21,7 +21,7 @@ from ..bootstrap import Container
 from ..domain import tokens
 from ..domain.backoff import backoff_s
 from ..domain.feedback import exhausted
-from ..domain.limits import Headroom, Limit, concurrency_key, provider_limits, settlement
+from ..domain.limits import Headroom, Limit, concurrency_key, provider_limits, settlement, token_key
 from ..domain.models import ClaimedMessage, Provider
 from ..domain.rmq_event import parse_event
 from ..errors import (
@@ -190,7 +190,7 @@ def _attempt_until_done(
                 provider, m.request, result.usage.prompt_tokens, result.usage.completion_tokens
             )
             c.limiter.settle(settlement(provider, headroom, costs[index], used))
-            react_to_headers(c, limits[index], result.headers)
+            react_to_headers(c, provider, limits[index], result.headers)
             return "completed" if c.store.complete(m, provider, result) else "lost"
         if pause > deadline.remaining() - call_budget - SAFETY_S:
             dispatch.defer(c, m, pause, error)
@@ -224,12 +224,13 @@ def give_back(c: Container, candidates: list[Provider], places: dict[int, str], 
             c.limiter.release(concurrency_key(candidates[i]), lease)
 
 
-def react_to_headers(c: Container, limits: list[Limit], headers: dict[str, str]) -> None:
+def react_to_headers(c: Container, provider: Provider, limits: list[Limit], headers: dict[str, str]) -> None:
     """A provider that says a limit is used up holds every worker until its reset."""
     for used_up in exhausted(headers):
-        keys = [lim for lim in limits if lim.key.endswith(":req" if used_up.kind == "requests" else ":tok")]
-        if keys:
-            c.limiter.push(keys, used_up.reset_s)
+        if used_up.kind == "requests":
+            c.limiter.push(limits[:1], used_up.reset_s)  # provider_limits puts requests first
+        elif provider.token_limit:
+            c.limiter.push([lim for lim in limits if lim.key == token_key(provider)], used_up.reset_s)
 
 
 def take_slot(
