@@ -5,7 +5,7 @@ import uuid
 
 import pika
 import pytest
-from ai_rate_limiter.adapters.rabbitmq import connection_parameters
+from ai_rate_limiter.adapters.rabbitmq import BULK_THRESHOLD, connection_parameters
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.errors import NotFound
 
@@ -47,9 +47,31 @@ def test_published_messages_are_persistent_and_confirmed(container: Container) -
         conn.close()
 
 
-def test_publishing_to_a_missing_queue_is_not_silently_dropped(container: Container) -> None:
+def test_a_bulk_publish_arrives_whole_and_in_order(container: Container) -> None:
+    """Past BULK_THRESHOLD the frames are marshalled by hand: bodies of different lengths,
+    and one larger than a frame, must arrive intact, persistent and in order."""
+    names = container.names("default", declare(container))
+    bodies = [b'{"n": %d}' % i for i in range(BULK_THRESHOLD * 3)]
+    bodies.insert(7, b"x" * 300_000)  # past the negotiated frame_max (128 KiB)
+    container.broker.publish(names.main, bodies)
+    conn, ch = channel(container)
+    try:
+        got = []
+        for _ in bodies:
+            _method, props, body = ch.basic_get(names.main, auto_ack=True)  # type: ignore[attr-defined]
+            assert props.delivery_mode == 2
+            got.append(body)
+        assert got == bodies
+        assert ch.basic_get(names.main, auto_ack=True)[0] is None  # type: ignore[attr-defined]
+    finally:
+        conn.close()
+    container.broker.delete(names)
+
+
+@pytest.mark.parametrize("n", [1, BULK_THRESHOLD + 1])
+def test_publishing_to_a_missing_queue_is_not_silently_dropped(container: Container, n: int) -> None:
     with pytest.raises(NotFound):
-        container.broker.publish(f"airltest.missing.{uuid.uuid4().hex}", [b"{}"])
+        container.broker.publish(f"airltest.missing.{uuid.uuid4().hex}", [b"{}"] * n)
     container.broker.ping()  # the shared channel recovered
 
 
