@@ -42,10 +42,21 @@ def collection_paused() -> Iterator[None]:
             gc.enable()
 
 
+_VERSION_4 = bytes((b & 0x0F) | 0x40 for b in range(256))  # byte 6: the version's high nibble
+_RFC_4122 = bytes((b & 0x3F) | 0x80 for b in range(256))  # byte 8: the variant's two bits
+
+
 def new_ids(n: int) -> list[str]:
-    """n random (version 4) UUIDs from one read of the system's random source."""
-    raw = secrets.token_bytes(16 * n)
-    return [str(uuid.UUID(bytes=raw[i : i + 16], version=4)) for i in range(0, 16 * n, 16)]
+    """n random (version 4) UUIDs as text, from one read of the system's random source, with
+    the version and variant bits set for all of them at once."""
+    raw = bytearray(secrets.token_bytes(16 * n))
+    raw[6::16] = raw[6::16].translate(_VERSION_4)
+    raw[8::16] = raw[8::16].translate(_RFC_4122)
+    h = raw.hex()
+    return [
+        f"{h[i : i + 8]}-{h[i + 8 : i + 12]}-{h[i + 12 : i + 16]}-{h[i + 16 : i + 20]}-{h[i + 20 : i + 32]}"
+        for i in range(0, 32 * n, 32)
+    ]
 
 
 def message_row(queue_id: str, m: MessageFields, batch_id: str | None, seq: int, id_: str = "") -> Row:
