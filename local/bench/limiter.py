@@ -49,10 +49,14 @@ Acquire = Callable[[float], int | None]  # run end (time.time()) -> admit time i
 
 
 class CommandCounter:
-    """Counts every command a redis-py client sends (EVALSHA, SCRIPT LOAD, ...) in this process."""
+    """Counts every command these redis-py clients send (EVALSHA, SCRIPT LOAD, ...)."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, *clients: redis.Redis) -> None:
         self.count = 0
+        for client in clients:
+            self._count(client)
+
+    def _count(self, client: redis.Redis) -> None:
         inner = client.execute_command
 
         def counted(*args: Any, **kwargs: Any) -> Any:
@@ -60,6 +64,11 @@ class CommandCounter:
             return inner(*args, **kwargs)
 
         client.execute_command = counted  # type: ignore[method-assign]
+
+
+def ours_counter(ours: RedisLimiter) -> CommandCounter:
+    """Our limiter's pooled client and the connection this thread keeps for its calls."""
+    return CommandCounter(ours.client, ours._connection())
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,7 @@ def make_check(strategy: str, url: str, key: str) -> tuple[Check, CommandCounter
     if strategy.startswith("ours"):
         ours = RedisLimiter(url)
         candidates = [_ours_limits(strategy, key, HIGH_LIMIT, 1.0)]
-        return (lambda: ours.reserve(candidates, MAX_WAIT_S)), CommandCounter(ours.client)
+        return (lambda: ours.reserve(candidates, MAX_WAIT_S)), ours_counter(ours)
     limiter, counter = _limits_strategy(strategy, url)
     item = RateLimitItemPerSecond(HIGH_LIMIT)
     return (lambda: limiter.hit(item, key)), counter
@@ -120,7 +129,7 @@ def _ours_acquire(strategy: str, url: str, key: str) -> tuple[Acquire, CommandCo
         time.sleep(reservation.wait_s)
         return reservation.slot_us  # the admit time is the slot on the Redis clock
 
-    return acquire, CommandCounter(ours.client)
+    return acquire, ours_counter(ours)
 
 
 def _limits_acquire(strategy: str, url: str, key: str) -> tuple[Acquire, CommandCounter]:

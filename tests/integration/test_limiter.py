@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import threading
 import uuid
 
 from ai_rate_limiter.adapters.redis_limiter import RedisLimiter
@@ -87,3 +88,18 @@ def test_free_providers_share_work_by_capacity_and_weight(container: Container) 
     a, b = limit(10), limit(10)
     weighted = [lim.reserve([[a], [b]], 10, weights=[3.0, 1.0]).index for _ in range(40)]
     assert weighted.count(0) > weighted.count(1)
+
+
+def test_each_thread_keeps_its_connection_and_recovers_when_it_drops(container: Container) -> None:
+    lim, one = container.limiter, limit(1)
+    lim.reserve([[one]], 1)
+    mine = lim._connection().client_id()
+    other: list[int] = []
+    thread = threading.Thread(target=lambda: other.append(lim._connection().client_id()))
+    thread.start()
+    thread.join()
+    assert other and other[0] != mine  # one connection per thread, not one shared
+    assert lim._connection().client_id() == mine  # and kept between calls
+    lim.client.client_kill_filter(_id=mine)  # the server drops it
+    assert lim.reserve([[one]], 1).reserved  # the next call reconnects
+    assert lim._connection().client_id() != mine

@@ -11,6 +11,8 @@ from importlib.resources import files
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ..domain.limits import ClockOffset, Limit, Reservation
 from ..errors import LimiterUnavailable
@@ -23,7 +25,14 @@ def script(name: str) -> str:
 class RedisLimiter:
     def __init__(self, url: str) -> None:
         self.client = redis.Redis.from_url(
-            url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
+            url,
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+            # A connection the server dropped is opened again once, at once: a held connection
+            # is not checked the way the pool checks the ones it hands out. Timeouts are not
+            # retried: the call may have run, and a wait of twice the timeout helps nobody.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
         self._reserve = self.client.register_script(script("reserve.lua"))
         self._push = self.client.register_script(script("push.lua"))
@@ -31,6 +40,17 @@ class RedisLimiter:
         self._pending: dict[str, int] = {}
         self._lock = threading.Lock()
         self._clock = ClockOffset()
+        self._local = threading.local()
+
+    def _connection(self) -> redis.Redis:
+        """This thread's own client on one connection of the shared pool: taking a connection
+        from redis-py's pool and giving it back costs about as much as the script itself, so
+        each thread keeps one for the limiter's calls. It goes back when the thread ends."""
+        client: redis.Redis | None = getattr(self._local, "client", None)
+        if client is None:
+            client = redis.Redis(connection_pool=self.client.connection_pool, single_connection_client=True)
+            self._local.client = client
+        return client
 
     def reserve(
         self, candidates: Sequence[Sequence[Limit]], max_wait_s: float, weights: Sequence[float] = ()
@@ -64,13 +84,14 @@ class RedisLimiter:
             earliest, latest = self._clock.local_bounds(slot_us / 1e6)
         return Reservation(int(index) - 1, max(wait_us, 0) / 1e6, bool(reserved), slot_us, earliest, latest)
 
-    def _eval(self, script: Any, keys: list[str], args: list[int]) -> Any:
-        """EVALSHA directly (redis-py's Script wrapper costs more than the script itself),
-        loading the script once if this Redis does not know it yet."""
+    def _eval(self, script: Any, keys: Sequence[str], args: Sequence[int | str]) -> Any:
+        """EVALSHA directly on this thread's connection (redis-py's Script wrapper costs more
+        than the script itself), loading the script once if this Redis does not know it yet."""
+        client = self._connection()
         try:
-            return self.client.evalsha(script.sha, len(keys), *keys, *args)
+            return client.evalsha(script.sha, len(keys), *keys, *args)
         except redis.exceptions.NoScriptError:
-            return script(keys=keys, args=args)
+            return script(keys=keys, args=args, client=client)
 
     def settle(self, adjustments: dict[str, int]) -> None:
         """Move these keys' schedules by `delta_us` (negative gives time back) at once: time
@@ -90,7 +111,7 @@ class RedisLimiter:
     def push(self, limits: Sequence[Limit], not_before_s: float) -> int:
         """No slot on these limits starts sooner than `not_before_s` from now (a provider's reset)."""
         try:
-            return int(self._push(keys=[lim.key for lim in limits], args=[int(not_before_s * 1_000_000)]))
+            return int(self._eval(self._push, [lim.key for lim in limits], [int(not_before_s * 1_000_000)]))
         except redis.RedisError as exc:
             raise LimiterUnavailable(f"redis: {exc}") from exc
 
@@ -98,14 +119,16 @@ class RedisLimiter:
         """A place among `max_in_flight` requests, as a lease id; None when all are taken."""
         lease = uuid.uuid4().hex
         try:
-            taken = self._concurrency(keys=[key], args=["acquire", max_in_flight, int(lease_s * 1000), lease])
+            taken = self._eval(
+                self._concurrency, [key], ["acquire", max_in_flight, int(lease_s * 1000), lease]
+            )
         except redis.RedisError as exc:
             raise LimiterUnavailable(f"redis: {exc}") from exc
         return lease if taken else None
 
     def release(self, key: str, lease: str) -> None:
         try:
-            self._concurrency(keys=[key, f"{key}:wake"], args=["release", lease])
+            self._eval(self._concurrency, [key, f"{key}:wake"], ["release", lease])
         except redis.RedisError as exc:
             raise LimiterUnavailable(f"redis: {exc}") from exc
 
@@ -118,6 +141,6 @@ class RedisLimiter:
 
     def ping(self) -> None:
         try:
-            self.client.ping()
+            self._connection().ping()
         except redis.RedisError as exc:
             raise LimiterUnavailable(f"redis: {exc}") from exc
