@@ -121,7 +121,7 @@ class ProviderGateway:
         if req.system:
             messages.insert(0, {"role": "system", "content": req.system})
         params = self._params(p, req)
-        raw = self._client(p).chat.completions.with_raw_response.create(messages=messages, **params)
+        raw = post(self._client(p), "/chat/completions", {"messages": messages, **params}, self.timeout_s)
         body = answer_json(raw, p)
         choices = body.get("choices") or [{}]
         text = (choices[0].get("message") or {}).get("content") or ""
@@ -134,7 +134,9 @@ class ProviderGateway:
         params.setdefault("max_tokens", ANTHROPIC_DEFAULT_MAX_TOKENS)
         if req.system:
             params["system"] = req.system
-        raw = self._client(p).messages.with_raw_response.create(messages=list(req.messages), **params)
+        raw = post(
+            self._client(p), "/v1/messages", {"messages": list(req.messages), **params}, self.timeout_s
+        )
         body = answer_json(raw, p)
         text = "".join(str(b.get("text", "")) for b in body.get("content") or [] if b.get("type") == "text")
         usage = body.get("usage") or {}
@@ -142,10 +144,21 @@ class ProviderGateway:
         return text, counts, body, body.get("model", params["model"]), dict(raw.headers)
 
 
-def answer_json(raw: Any, p: Provider) -> dict[str, Any]:
+def post(client: Any, path: str, body: dict[str, Any], timeout_s: float) -> httpx2.Response:
+    """The request through the SDK's generic `post` (its documented way to send a request as
+    given): the client's base URL, auth headers, Azure deployment routing, timeout and error
+    types all apply. The typed methods would first walk the request against their type hints,
+    a fifth of each call's cost, with nothing to convert in a request that arrived as JSON."""
+    response: httpx2.Response = client.post(
+        path, cast_to=httpx2.Response, body=body, options={"timeout": timeout_s}
+    )
+    return response
+
+
+def answer_json(raw: httpx2.Response, p: Provider) -> dict[str, Any]:
     """The answer's JSON as the provider sent it (kept whole beside the extracted text)."""
     try:
-        body = raw.http_response.json()
+        body = raw.json()
     except ValueError:
         raise ProviderUnavailable(f"{p.name}: the answer was not JSON") from None
     if not isinstance(body, dict):
