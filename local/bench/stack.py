@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -42,22 +42,31 @@ class Stack:
     fake: str
     api_pid: int
     settings: Settings
+    # One client for the whole run: a new one per call builds a TLS context each time, CPU
+    # the benchmark would take from the stack it measures.
+    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60))
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.http.close()
 
     def post(self, path: str, body: Any, timeout: float = 60) -> httpx.Response:
-        r = httpx.post(f"{self.api}{path}", json=body, timeout=timeout)
+        r = self.http.post(f"{self.api}{path}", json=body, timeout=timeout)
         r.raise_for_status()
         return r
 
     def get(self, path: str, **params: Any) -> Any:
-        r = httpx.get(f"{self.api}{path}", params=params, timeout=60)
+        r = self.http.get(f"{self.api}{path}", params=params)
         r.raise_for_status()
         return r.json()
 
     def fake_config(self, **config: Any) -> None:
-        httpx.post(f"{self.fake}/_fake/config", json=config, timeout=10).raise_for_status()
+        self.http.post(f"{self.fake}/_fake/config", json=config, timeout=10).raise_for_status()
 
     def fake_stats(self, key: str) -> dict[str, Any]:
-        stats: dict[str, Any] = httpx.get(f"{self.fake}/_fake/stats", timeout=10).json()["keys"][key]
+        stats: dict[str, Any] = self.http.get(f"{self.fake}/_fake/stats", timeout=10).json()["keys"][key]
         return stats
 
     def queue(self, *providers: dict[str, Any]) -> str:
@@ -141,7 +150,8 @@ def running_stack(workers: int = 2, **overrides: str) -> Iterator[Stack]:
         url = f"http://127.0.0.1:{settings.api_port}"
         if not wait_ready(f"{url}/health", procs):
             raise RuntimeError("the benchmark stack did not come up")
-        yield Stack(url, f"http://127.0.0.1:{settings.fake_provider_port}", api.pid, settings)
+        with Stack(url, f"http://127.0.0.1:{settings.fake_provider_port}", api.pid, settings) as stack:
+            yield stack
     finally:
         stop(procs)
         for key, value in saved.items():
@@ -174,7 +184,7 @@ def ingest(stack: Stack, batch_size: int = 10_000, runs: int = 5) -> dict[str, A
     times = []
     for _ in range(runs):
         started = time.monotonic()
-        r = httpx.post(
+        r = stack.http.post(
             f"{stack.api}/message/create",
             content=body,
             headers={"content-type": "application/json"},
@@ -184,7 +194,7 @@ def ingest(stack: Stack, batch_size: int = 10_000, runs: int = 5) -> dict[str, A
         if r.status_code != 202 or r.json()["total"] != batch_size:
             raise RuntimeError(f"ingest answered {r.status_code}: {r.text[:200]}")
     peak = peak_rss_mb(stack.api_pid)
-    httpx.delete(f"{stack.api}/queue/{queue_id}", timeout=60)
+    stack.http.delete(f"{stack.api}/queue/{queue_id}")
     return {
         "batch_size": batch_size,
         "accept_s": round(sorted(times)[len(times) // 2], 3),
