@@ -56,7 +56,7 @@ class Container:
 
     def close(self) -> None:
         if "threads" in self.__dict__:
-            self.threads.shutdown(wait=True)
+            self.__dict__.pop("threads").shutdown(wait=True)  # a later event starts new ones
         for name in ("db", "broker"):
             if name in self.__dict__:
                 self.__dict__[name].close()
