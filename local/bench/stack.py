@@ -351,8 +351,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     with running_stack(workers=2) as stack:
         results["throughput"] = throughput(stack, int(3000 * scale))
         results["utilization"] = {
-            "requests": requests_utilization(stack, int(900 * scale), limit=600, window=20.0),
-            "tokens": tokens_utilization(stack, int(900 * scale), token_limit=20_000, window=20.0),
-            "two_providers": two_providers(stack, int(900 * scale), limits=(400, 200), window=20.0),
+            # 30 requests (1,000 tokens) a second over 30 s windows, 1.5 windows' worth and more
+            "requests": requests_utilization(stack, int(1350 * scale), limit=900, window=30.0),
+            "tokens": tokens_utilization(stack, int(900 * scale), token_limit=30_000, window=30.0),
+            "two_providers": two_providers(stack, int(1350 * scale), limits=(600, 300), window=30.0),
         }
     return results
