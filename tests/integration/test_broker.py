@@ -51,8 +51,9 @@ def test_a_bulk_publish_arrives_whole_and_in_order(container: Container) -> None
     """Past BULK_THRESHOLD the frames are marshalled by hand: bodies of different lengths,
     and one larger than a frame, must arrive intact, persistent and in order."""
     names = container.names("default", declare(container))
-    bodies = [b'{"n": %d}' % i for i in range(BULK_THRESHOLD * 3)]
-    bodies.insert(7, b"x" * 300_000)  # past the negotiated frame_max (128 KiB)
+    large = b"x" * 300_000  # past the negotiated frame_max (128 KiB)
+    bodies = [large, *(b'{"n": %d}' % i for i in range(BULK_THRESHOLD * 3)), large]
+    bodies.insert(7, large)
     container.broker.publish(names.main, bodies)
     conn, ch = channel(container)
     try:

@@ -86,17 +86,22 @@ class _ConfirmedBulkPublish:
         method = pika.frame.Method(n, publish).marshal()
         headers: dict[int, bytes] = {}
         frames: list[bytes] = []
+
+        def flush() -> None:
+            if frames:
+                self.conn._output_marshaled_frames([b"".join(frames)])
+                frames.clear()
+
         for body in self.bodies:
             if len(body) > self.conn._body_max_length:  # a body that needs several frames
-                self.conn._output_marshaled_frames([b"".join(frames)])
-                frames = []
+                flush()
                 ch.basic_publish("", self.queue, body, PERSISTENT, mandatory=True)
                 continue
             header = headers.get(len(body))
             if header is None:
                 header = headers[len(body)] = pika.frame.Header(n, len(body), PERSISTENT).marshal()
             frames += (method, header, pika.frame.Body(n, body).marshal())
-        self.conn._output_marshaled_frames([b"".join(frames)])
+        flush()
 
     def _on_return(self, *_: Any) -> None:
         self.returned += 1
