@@ -322,7 +322,7 @@ def run(redis_url: str = DEFAULT_URL, quick: bool = False) -> dict[str, dict[str
     with ctx.Pool(PROCS, initializer=_init_worker, initargs=(barrier,)) as pool:
         pool.map(_ready, range(PROCS), chunksize=1)  # no measurement while workers still import
         results = {strategy: bench_strategy(pool, strategy, redis_url, quick) for strategy in STRATEGIES}
-        rates = interleaved_rates(pool, redis_url, 3 if quick else 5, 0.3 if quick else 0.5)
+        rates = interleaved_rates(pool, redis_url, 3 if quick else 9, 0.3 if quick else 0.5)
     flush(redis_url)
     return {
         s: {
