@@ -49,26 +49,28 @@ Acquire = Callable[[float], int | None]  # run end (time.time()) -> admit time i
 
 
 class CommandCounter:
-    """Counts every command these redis-py clients send (EVALSHA, SCRIPT LOAD, ...)."""
+    """Counts every Redis command sent through these methods (EVALSHA, SCRIPT LOAD, ...): each
+    call of one of them is one command."""
 
-    def __init__(self, *clients: redis.Redis) -> None:
+    def __init__(self, *methods: tuple[object, str]) -> None:
         self.count = 0
-        for client in clients:
-            self._count(client)
+        for owner, name in methods:
+            self._count(owner, name)
 
-    def _count(self, client: redis.Redis) -> None:
-        inner = client.execute_command
+    def _count(self, owner: object, name: str) -> None:
+        inner = getattr(owner, name)
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             self.count += 1
             return inner(*args, **kwargs)
 
-        client.execute_command = counted  # type: ignore[method-assign]
+        setattr(owner, name, counted)
 
 
 def ours_counter(ours: RedisLimiter) -> CommandCounter:
-    """Our limiter's pooled client and the connection this thread keeps for its calls."""
-    return CommandCounter(ours.client, ours._connection())
+    """Our limiter's commands: those it writes itself on its thread's connection, and those
+    of its pooled client (loading a script)."""
+    return CommandCounter((ours, "_send"), (ours.client, "execute_command"))
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def _ours_limits(strategy: str, key: str, limit: int, window_s: float) -> list[L
 
 def _limits_strategy(strategy: str, url: str) -> tuple[RateLimiter, CommandCounter]:
     storage = RedisStorage(url)
-    counter = CommandCounter(storage.storage)
+    counter = CommandCounter((storage.storage, "execute_command"))
     if strategy == "limits_moving_window":
         return MovingWindowRateLimiter(storage), counter
     return SlidingWindowCounterRateLimiter(storage), counter

@@ -92,14 +92,26 @@ def test_free_providers_share_work_by_capacity_and_weight(container: Container) 
 
 def test_each_thread_keeps_its_connection_and_recovers_when_it_drops(container: Container) -> None:
     lim, one = container.limiter, limit(1)
+
+    def client_id() -> int:
+        return int(lim._send(("CLIENT", "ID")))
+
     lim.reserve([[one]], 1)
-    mine = lim._connection().client_id()
+    mine = client_id()
     other: list[int] = []
-    thread = threading.Thread(target=lambda: other.append(lim._connection().client_id()))
+    thread = threading.Thread(target=lambda: other.append(client_id()))
     thread.start()
     thread.join()
     assert other and other[0] != mine  # one connection per thread, not one shared
-    assert lim._connection().client_id() == mine  # and kept between calls
+    assert client_id() == mine  # and kept between calls
     lim.client.client_kill_filter(_id=mine)  # the server drops it
     assert lim.reserve([[one]], 1).reserved  # the next call reconnects
-    assert lim._connection().client_id() != mine
+    assert client_id() != mine
+
+
+def test_the_script_is_loaded_again_if_redis_forgot_it(container: Container) -> None:
+    lim, one = container.limiter, limit(1)
+    lim.reserve([[one]], 1)
+    lim.client.script_flush()
+    assert lim.reserve([[one]], 1).reserved
+    assert lim.client.script_exists(lim._reserve.sha) == [True]

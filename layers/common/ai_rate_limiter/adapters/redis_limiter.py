@@ -12,6 +12,7 @@ from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.connection import AbstractConnection
 from redis.retry import Retry
 
 from ..domain.limits import ClockOffset, Limit, Reservation
@@ -42,15 +43,17 @@ class RedisLimiter:
         self._clock = ClockOffset()
         self._local = threading.local()
 
-    def _connection(self) -> redis.Redis:
-        """This thread's own client on one connection of the shared pool: taking a connection
-        from redis-py's pool and giving it back costs about as much as the script itself, so
-        each thread keeps one for the limiter's calls. It goes back when the thread ends."""
+    def _connection(self) -> AbstractConnection:
+        """This thread's own connection of the shared pool: taking a connection from redis-py's
+        pool and giving it back costs about as much as the script itself, so each thread keeps
+        one for the limiter's calls, held by a single-connection client that gives it back
+        when the thread ends."""
         client: redis.Redis | None = getattr(self._local, "client", None)
         if client is None:
             client = redis.Redis(connection_pool=self.client.connection_pool, single_connection_client=True)
             self._local.client = client
-        return client
+        assert client.connection is not None, "held until the client is closed"
+        return client.connection
 
     def reserve(
         self, candidates: Sequence[Sequence[Limit]], max_wait_s: float, weights: Sequence[float] = ()
@@ -85,13 +88,28 @@ class RedisLimiter:
         return Reservation(int(index) - 1, max(wait_us, 0) / 1e6, bool(reserved), slot_us, earliest, latest)
 
     def _eval(self, script: Any, keys: Sequence[str], args: Sequence[int | str]) -> Any:
-        """EVALSHA directly on this thread's connection (redis-py's Script wrapper costs more
-        than the script itself), loading the script once if this Redis does not know it yet."""
-        client = self._connection()
+        """EVALSHA written and read on this thread's connection: redis-py's command path (retry
+        wrapper, metrics hooks, Script objects) costs more than the script itself. The script is
+        loaded once if this Redis does not know it yet."""
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
-            return client.evalsha(script.sha, len(keys), *keys, *args)
+            return self._send(command)
         except redis.exceptions.NoScriptError:
-            return script(keys=keys, args=args, client=client)
+            self.client.script_load(script.script)
+            return self._send(command)
+
+    def _send(self, command: Sequence[Any]) -> Any:
+        """A connection the server dropped is opened again once, at once (the failed read or
+        write has already closed it). Timeouts are not retried: the call may have run."""
+        conn = self._connection()
+        for attempt in (1, 2):
+            try:
+                conn.send_command(*command)
+                return conn.read_response()
+            except redis.ConnectionError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def settle(self, adjustments: dict[str, int]) -> None:
         """Move these keys' schedules by `delta_us` (negative gives time back) at once: time
@@ -141,6 +159,6 @@ class RedisLimiter:
 
     def ping(self) -> None:
         try:
-            self._connection().ping()
+            self._send(("PING",))
         except redis.RedisError as exc:
             raise LimiterUnavailable(f"redis: {exc}") from exc
