@@ -103,3 +103,13 @@ def test_patch_fields_are_all_optional_but_still_checked() -> None:
     assert parse(ProviderPatch, {"limit": 5}).limit == 5
     with pytest.raises(ValidationFailed):
         parse(ProviderPatch, {"limit": -5})
+
+
+@pytest.mark.parametrize("key", ["messages", "max_tokens", "stream", "extra_headers", "timeout"])
+def test_extra_cannot_set_what_the_message_or_the_sdk_owns(key: str) -> None:
+    with pytest.raises(ValidationFailed) as err:
+        parse(MessageIn, {"queue_id": "q", "prompt": "a", "extra": {"top_p": 0.5, key: 1}})
+    [problem] = err.value.extra["errors"]
+    assert problem["field"] == "extra" and key in problem["message"]
+    m = parse(MessageIn, {"queue_id": "q", "prompt": "a", "extra": {"top_p": 0.5, "seed": 7}})
+    assert m.extra == {"top_p": 0.5, "seed": 7}

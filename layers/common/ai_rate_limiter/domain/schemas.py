@@ -118,6 +118,12 @@ class QueueIn(Strict):
         return value
 
 
+# Request fields `extra` may not set: the message's own fields (the limiter reserves tokens by
+# them), streaming (answers are read whole), and the SDKs' request options.
+OWN_FIELDS = ("messages", "system", "model", "max_tokens", "temperature", "stream")
+SDK_OPTIONS = ("extra_headers", "extra_query", "extra_body", "timeout")
+
+
 class MessageFields(Strict):
     prompt: Text
     system: Text | None = None
@@ -127,6 +133,17 @@ class MessageFields(Strict):
     custom_id: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     metadata: dict[str, Any] | None = None
     extra: dict[str, Any] | None = None
+
+    @field_validator("extra")
+    @classmethod
+    def extra_adds_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        taken = sorted(set(value or {}) & {*OWN_FIELDS, *SDK_OPTIONS})
+        if taken:
+            raise ValueError(
+                f"may not set {', '.join(taken)}: use the message's own fields "
+                "(prompt, system, model, max_tokens, temperature); answers are not streamed"
+            )
+        return value
 
 
 class MessageIn(MessageFields):
