@@ -7,9 +7,12 @@ import multiprocessing
 import threading
 import uuid
 
+import pytest
+import redis
 from ai_rate_limiter.adapters.redis_limiter import RedisLimiter
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.domain.limits import Limit
+from ai_rate_limiter.errors import LimiterUnavailable
 
 
 def limit(interval_ms: float) -> Limit:
@@ -115,3 +118,24 @@ def test_the_script_is_loaded_again_if_redis_forgot_it(container: Container) -> 
     lim.client.script_flush()
     assert lim.reserve([[one]], 1).reserved
     assert lim.client.script_exists(lim._reserve.sha) == [True]
+
+
+def test_a_call_whose_answer_was_lost_is_not_sent_again(
+    container: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lim, one = container.limiter, limit(100)
+    assert lim.reserve([[one]], 10).wait_s < 0.05
+    conn = lim._connection()
+    real_read = conn.read_response
+
+    def read_then_lose(*args: object, **kwargs: object) -> object:
+        monkeypatch.undo()  # once: reconnecting reads answers too
+        real_read(*args, **kwargs)  # the script ran ...
+        conn.disconnect()
+        raise redis.ConnectionError("connection lost")  # ... but its answer never came
+
+    monkeypatch.setattr(conn, "read_response", read_then_lose)
+    with pytest.raises(LimiterUnavailable):
+        lim.reserve([[one]], 10)
+    # The lost call took the slot at 0.1 s, once: the next one starts at 0.2 s, not 0.3 s.
+    assert abs(lim.reserve([[one]], 10).wait_s - 0.2) < 0.05

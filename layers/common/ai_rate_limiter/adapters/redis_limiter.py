@@ -30,9 +30,9 @@ class RedisLimiter:
             socket_timeout=5,
             socket_connect_timeout=5,
             health_check_interval=30,
-            # A connection the server dropped is opened again once, at once: a held connection
-            # is not checked the way the pool checks the ones it hands out. Timeouts are not
-            # retried: the call may have run, and a wait of twice the timeout helps nobody.
+            # The pooled client's commands (blocking waits, script loads, health-check pings)
+            # are tried once more, at once, on a connection the server dropped; none of them
+            # moves a schedule. Timeouts are not retried: the call may have run.
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
         self._reserve = self.client.register_script(script("reserve.lua"))
@@ -99,17 +99,22 @@ class RedisLimiter:
             return self._send(command)
 
     def _send(self, command: Sequence[Any]) -> Any:
-        """A connection the server dropped is opened again once, at once (the failed read or
-        write has already closed it). Timeouts are not retried: the call may have run."""
+        """Nothing that may have run is sent again: a reservation or settlement whose answer
+        was lost may have been applied, and one applied twice could give back time that was
+        used. So a connection the server closed while idle is noticed before sending (as
+        redis-py's pool checks the connections it hands out) and opened again, and only a
+        failed write, which Redis never saw whole, is made once more on a new connection."""
         conn = self._connection()
-        for attempt in (1, 2):
-            try:
-                conn.send_command(*command)
-                return conn.read_response()
-            except redis.ConnectionError:
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            if conn.can_read():  # data nobody asked for: start afresh
+                conn.disconnect()
+        except (redis.ConnectionError, OSError):  # closed by the server, or never opened
+            conn.disconnect()
+        try:
+            conn.send_command(*command)
+        except redis.ConnectionError:  # the failed write has closed the connection
+            conn.send_command(*command)
+        return conn.read_response()
 
     def settle(self, adjustments: dict[str, int]) -> None:
         """Move these keys' schedules by `delta_us` (negative gives time back) at once: time
