@@ -48,12 +48,12 @@ def test_published_messages_are_persistent_and_confirmed(container: Container) -
 
 
 def test_a_bulk_publish_arrives_whole_and_in_order(container: Container) -> None:
-    """Past BULK_THRESHOLD the frames are marshalled by hand: bodies of different lengths,
-    and one larger than a frame, must arrive intact, persistent and in order."""
+    """Past BULK_THRESHOLD the frames are marshalled by hand: bodies of different lengths, an
+    empty one and ones larger than a frame must arrive intact, persistent and in order."""
     names = container.names("default", declare(container))
     large = b"x" * 300_000  # past the negotiated frame_max (128 KiB)
-    bodies = [large, *(b'{"n": %d}' % i for i in range(BULK_THRESHOLD * 3)), large]
-    bodies.insert(7, large)
+    bodies = [large, *(b'{"n": %d}' % i for i in range(5000)), large]  # several write chunks
+    bodies[7:7] = [large, b""]
     container.broker.publish(names.main, bodies)
     conn, ch = channel(container)
     try:

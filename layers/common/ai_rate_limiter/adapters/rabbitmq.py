@@ -16,6 +16,7 @@ from ..errors import DependencyUnavailable, NotFound
 
 T = TypeVar("T")
 BULK_THRESHOLD = 20  # more messages than this go out with pipelined confirms
+WRITE_CHUNK = 256 * 1024  # bytes of marshalled frames per write in a bulk publish
 DELIVERY_LIMIT = 20  # redeliveries of one message before it is dead-lettered
 PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type="application/json")
 RECOVERABLE: tuple[type[BaseException], ...] = (pika.exceptions.AMQPError, OSError)
@@ -86,14 +87,17 @@ class _ConfirmedBulkPublish:
         method = pika.frame.Method(n, publish).marshal()
         headers: dict[int, bytes] = {}
         frames: list[bytes] = []
+        size = 0
 
         def flush() -> None:
-            if frames:
+            nonlocal size
+            if frames:  # in pieces of about WRITE_CHUNK: pika copies what one send leaves over
                 self.conn._output_marshaled_frames([b"".join(frames)])
                 frames.clear()
+                size = 0
 
         for body in self.bodies:
-            if len(body) > self.conn._body_max_length:  # a body that needs several frames
+            if not body or len(body) > self.conn._body_max_length:  # no body frame, or several
                 flush()
                 ch.basic_publish("", self.queue, body, PERSISTENT, mandatory=True)
                 continue
@@ -101,6 +105,9 @@ class _ConfirmedBulkPublish:
             if header is None:
                 header = headers[len(body)] = pika.frame.Header(n, len(body), PERSISTENT).marshal()
             frames += (method, header, pika.frame.Body(n, body).marshal())
+            size += len(method) + len(header) + len(body) + 8
+            if size >= WRITE_CHUNK:
+                flush()
         flush()
 
     def _on_return(self, *_: Any) -> None:
