@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
 from .adapters.egress import http_client, sdk_http_client
@@ -45,18 +44,10 @@ class Container:
     def webhooks(self) -> WebhookSender:
         return WebhookSender(http_client(self.settings.webhook_timeout_s, 10))
 
-    @cached_property
-    def threads(self) -> ThreadPoolExecutor:
-        """The threads that process an event's messages, kept from one event (and warm
-        invocation) to the next, with the connections each of them holds."""
-        return ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="msg")
-
     def names(self, tenant_id: str, queue_id: str) -> BrokerNames:
         return broker_names(self.settings.broker_prefix, tenant_id, queue_id)
 
     def close(self) -> None:
-        if "threads" in self.__dict__:
-            self.__dict__.pop("threads").shutdown(wait=True)  # a later event starts new ones
         for name in ("db", "broker"):
             if name in self.__dict__:
                 self.__dict__[name].close()

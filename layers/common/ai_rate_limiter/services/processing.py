@@ -12,7 +12,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +83,10 @@ def handle_event(c: Container, event: Mapping[str, Any], remaining_s: float) -> 
     def run(m: ClaimedMessage) -> str:
         return process(c, m, providers[(m.tenant_id, m.queue_id)], deadline, call_budget)
 
-    futures = [c.threads.submit(run, m) for m in claimed]
-    wait(futures)
+    # The event's own threads: events of other queues in the same process do not wait for them.
+    workers = max(1, min(len(claimed), c.settings.worker_concurrency))
+    with ThreadPoolExecutor(workers, thread_name_prefix="msg") as pool:
+        futures = [pool.submit(run, m) for m in claimed]
     errors = [e for e in (f.exception() for f in futures) if e is not None]
     outcomes.update(f.result() for f in futures if f.exception() is None)
     for batch_id in {m.batch_id for m in claimed if m.batch_id}:
