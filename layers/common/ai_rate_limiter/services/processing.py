@@ -12,7 +12,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,10 +83,8 @@ def handle_event(c: Container, event: Mapping[str, Any], remaining_s: float) -> 
     def run(m: ClaimedMessage) -> str:
         return process(c, m, providers[(m.tenant_id, m.queue_id)], deadline, call_budget)
 
-    # The event's own threads: events of other queues in the same process do not wait for them.
-    workers = max(1, min(len(claimed), c.settings.worker_concurrency))
-    with ThreadPoolExecutor(workers, thread_name_prefix="msg") as pool:
-        futures = [pool.submit(run, m) for m in claimed]
+    futures = [c.threads(m.tenant_id, m.queue_id).submit(run, m) for m in claimed]
+    wait(futures)
     errors = [e for e in (f.exception() for f in futures) if e is not None]
     outcomes.update(f.result() for f in futures if f.exception() is None)
     for batch_id in {m.batch_id for m in claimed if m.batch_id}:
