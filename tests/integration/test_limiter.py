@@ -139,3 +139,21 @@ def test_a_call_whose_answer_was_lost_is_not_sent_again(
         lim.reserve([[one]], 10)
     # The lost call took the slot at 0.1 s, once: the next one starts at 0.2 s, not 0.3 s.
     assert abs(lim.reserve([[one]], 10).wait_s - 0.2) < 0.05
+
+
+def test_more_threads_than_redis_pys_default_pool_hold_connections_at_once(container: Container) -> None:
+    lim, one = container.limiter, limit(0.001)
+    threads = 150  # redis-py's pool holds 100 by default
+    all_in = threading.Barrier(threads)
+    taken: list[bool] = []
+
+    def reserve_and_stay() -> None:
+        taken.append(lim.reserve([[one]], 10).reserved)
+        all_in.wait(timeout=30)  # every thread is alive, holding its connection
+
+    workers = [threading.Thread(target=reserve_and_stay) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert taken == [True] * threads

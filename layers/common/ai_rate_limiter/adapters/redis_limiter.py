@@ -18,6 +18,8 @@ from redis.retry import Retry
 from ..domain.limits import ClockOffset, Limit, Reservation
 from ..errors import LimiterUnavailable
 
+MAX_CONNECTIONS = 10_000  # Redis's own default limit of clients
+
 
 def script(name: str) -> str:
     return files("ai_rate_limiter").joinpath(f"resources/{name}").read_text()
@@ -30,6 +32,9 @@ class RedisLimiter:
             socket_timeout=5,
             socket_connect_timeout=5,
             health_check_interval=30,
+            # Every thread that calls the limiter holds a connection while it lives (each queue's
+            # worker threads live between events): redis-py's default cap of 100 is too few.
+            max_connections=MAX_CONNECTIONS,
             # The pooled client's commands (blocking waits, script loads, health-check pings)
             # are tried once more, at once, on a connection the server dropped; none of them
             # moves a schedule. Timeouts are not retried: the call may have run.
