@@ -125,10 +125,11 @@ class RedisLimiter:
         """Move these keys' schedules by `delta_us` (negative gives time back) at once: time
         given back after the schedule has run past it is lost. If Redis cannot be reached,
         the adjustment goes with the next reservation instead."""
+        if not adjustments:  # most answers: no token limit, or the estimate was right
+            return
         self._defer(adjustments)
-        if adjustments:
-            with contextlib.suppress(LimiterUnavailable):
-                self.reserve([], 0)
+        with contextlib.suppress(LimiterUnavailable):
+            self.reserve([], 0)
 
     def _defer(self, adjustments: dict[str, int]) -> None:
         with self._lock:

@@ -12,7 +12,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import wait
+from concurrent.futures import Executor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,16 +74,18 @@ def handle_event(c: Container, event: Mapping[str, Any], remaining_s: float) -> 
     if not claimed:
         return dict(+outcomes)
     providers: dict[tuple[str, str], list[Provider]] = {}
+    threads: dict[tuple[str, str], Executor] = {}
     for m in claimed:
         key = (m.tenant_id, m.queue_id)
         if key not in providers:
             providers[key] = [provider_from_row(r, w) for r, w in c.store.queue_providers(*key)]
+            threads[key] = c.threads(*key)
     call_budget = min(c.settings.provider_timeout_s, remaining_s / 3)
 
     def run(m: ClaimedMessage) -> str:
         return process(c, m, providers[(m.tenant_id, m.queue_id)], deadline, call_budget)
 
-    futures = [c.threads(m.tenant_id, m.queue_id).submit(run, m) for m in claimed]
+    futures = [threads[(m.tenant_id, m.queue_id)].submit(run, m) for m in claimed]
     wait(futures)
     errors = [e for e in (f.exception() for f in futures) if e is not None]
     outcomes.update(f.result() for f in futures if f.exception() is None)
@@ -191,7 +193,7 @@ def _attempt_until_done(
             c.limiter.settle(settlement(provider, headroom, costs[index], used))
             react_to_headers(c, provider, limits[index], result.headers)
             return "completed" if c.store.complete(m, provider, result) else "lost"
-        if pause > deadline.remaining() - call_budget - SAFETY_S:
+        if pause > budget():
             dispatch.defer(c, m, pause, error)
             return "deferred"
         time.sleep(pause)
