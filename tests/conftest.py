@@ -21,7 +21,7 @@ from ai_rate_limiter.config import Settings
 from ai_rate_limiter.migrate import ensure_database, migrate
 
 from local import fake_provider
-from local.fresh import fresh_state
+from local.fresh import drop_broker_queues, fresh_state
 from local.services_check import unreachable
 
 
@@ -36,6 +36,7 @@ def base_settings(**overrides: Any) -> Settings:
         "WORKER_TIMEOUT_S": "60",
         "PROVIDER_TIMEOUT_S": "10",
         "WEBHOOK_TIMEOUT_S": "3",
+        "WORKER_IDLE_S": "0.2",
     }
     return replace(Settings.from_env(env), **overrides)
 
@@ -60,8 +61,7 @@ def container(settings: Settings) -> Iterator[Container]:
     """A container on flushed services: empty tables, an empty Redis database."""
     c = fresh_state(Container(settings))
     yield c
-    for tenant, queue_id in c.store.all_queues():
-        c.broker.delete(c.names(tenant, queue_id))
+    drop_broker_queues(c)
     c.close()
 
 

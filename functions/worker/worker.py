@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ai_rate_limiter.bootstrap import container
-from ai_rate_limiter.services.processing import handle_event
+from ai_rate_limiter.services.invocation import handle_event
 
 
 def handler(event: dict[str, Any], context: Any) -> dict[str, int]:

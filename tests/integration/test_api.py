@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from ai_rate_limiter.bootstrap import Container
-from ai_rate_limiter.services import processing
+from ai_rate_limiter.services import invocation
 from chalice.test import Client
 
 from local.functions import load
@@ -260,7 +260,7 @@ def test_batch_progress_pages_and_results_in_input_order(
     progress = api.call("get", f"/batch/{bid}").json
     assert (progress["status"], progress["total"], progress["percent"]) == ("queued", 25, 0.0)
     assert progress["counts"]["queued"] == 25 and progress["webhook"]["status"] is None
-    processing.handle_event(container, take_event(container, q, 25), 30)
+    invocation.handle_event(container, take_event(container, q, 25), 30)
     done = api.call("get", f"/batch/{bid}").json
     assert (done["status"], done["percent"], done["eta_seconds"]) == ("completed", 100.0, 0.0)
     assert done["finished_at"] and done["webhook"]["status"] == "pending"

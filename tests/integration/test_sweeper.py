@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from ai_rate_limiter.bootstrap import Container
-from ai_rate_limiter.services import batches, messages, processing, sweeper
+from ai_rate_limiter.services import batches, invocation, messages, sweeper
 
 from tests.conftest import FakeProvider, Receiver
 
@@ -18,7 +18,7 @@ def finished_batch(c: Container, fake: FakeProvider, webhook_url: str | None) ->
         "default",
         {"queue_id": q, "webhook_url": webhook_url, "messages": [{"prompt": "a"}, {"prompt": "b"}]},
     )
-    processing.handle_event(c, take_event(c, q, 2), 30)
+    invocation.handle_event(c, take_event(c, q, 2), 30)
     return str(b["batch_id"])
 
 

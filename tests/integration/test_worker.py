@@ -11,7 +11,8 @@ import pytest
 from ai_rate_limiter import bootstrap
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.errors import DependencyUnavailable, LimiterUnavailable
-from ai_rate_limiter.services import messages, processing
+from ai_rate_limiter.domain import decisions
+from ai_rate_limiter.services import invocation, messages
 
 from local.functions import load
 from tests.conftest import FakeProvider
@@ -40,7 +41,7 @@ def parked(c: Container, queue_id: str) -> int:
 
 
 def run(c: Container, queue_id: str, n: int) -> dict[str, int]:
-    return processing.handle_event(c, take_event(c, queue_id, n), 30)
+    return invocation.handle_event(c, take_event(c, queue_id, n), 30)
 
 
 @pytest.mark.parametrize("kind", ["openai", "azure", "deepseek", "anthropic", "claude"])
@@ -81,17 +82,17 @@ def test_the_lambda_handler_takes_the_event_and_context(
 
 def test_the_aws_sample_event_is_handled_without_raising(container: Container) -> None:
     event = json.loads((Path(__file__).parents[1] / "events" / "rmq_sample_event.json").read_text())
-    assert processing.handle_event(container, event, 30) == {"malformed": 1}
+    assert invocation.handle_event(container, event, 30) == {"malformed": 1}
 
 
 def test_a_redelivered_completed_message_is_not_sent_again(container: Container, fake: FakeProvider) -> None:
     q = make_queue(container, fake.url)
     submit(container, q, "once")
     event = take_event(container, q, 1)
-    assert processing.handle_event(container, event, 30)["completed"] == 1
+    assert invocation.handle_event(container, event, 30)["completed"] == 1
     for m in event["rmqMessagesByQueue"].values():
         m[0]["redelivered"] = True
-    assert processing.handle_event(container, event, 30) == {"skipped": 1}
+    assert invocation.handle_event(container, event, 30) == {"skipped": 1}
     assert fake.stats()["total"]["requests"] == 1
 
 
@@ -109,7 +110,7 @@ def test_a_rejected_request_fails_at_once_with_the_providers_message(
 def test_server_errors_are_retried_until_an_answer(
     container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(processing, "backoff_s", lambda attempt, **kw: 0.01)
+    monkeypatch.setattr(decisions, "backoff_s", lambda attempt, **kw: 0.01)
     monkeypatch.setattr(container, "settings", replace(container.settings, max_attempts=24))
     # Half the calls fail: no failure in 20 first tries has p = 1e-6, and one message failing
     # all 24 tries p = 20 * 6e-8.
@@ -126,7 +127,7 @@ def test_server_errors_are_retried_until_an_answer(
 def test_after_max_attempts_the_message_fails_with_the_last_error(
     container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(processing, "backoff_s", lambda attempt, **kw: 0.01)
+    monkeypatch.setattr(decisions, "backoff_s", lambda attempt, **kw: 0.01)
     fake.configure(error_rate=1.0)
     q = make_queue(container, fake.url)
     [mid] = submit(container, q, "doomed")
@@ -188,7 +189,7 @@ def test_a_provider_out_of_quota_is_stopped_and_reported(container: Container, f
 def test_5xx_moves_the_message_to_another_provider(
     container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(processing, "backoff_s", lambda attempt, **kw: 0.01)
+    monkeypatch.setattr(decisions, "backoff_s", lambda attempt, **kw: 0.01)
     dead = {"provider_name": "dead", "config": {"endpoint": "http://127.0.0.1:9"}}
     q = make_queue(container, fake.url, dead, {"provider_name": "alive"})
     ids = submit(container, q, *[f"m{i}" for i in range(6)])
@@ -203,7 +204,7 @@ def test_work_that_cannot_start_in_time_is_deferred_not_failed(
 ) -> None:
     q = make_queue(container, fake.url, {"limit": 1, "time_window": 30})
     ids = submit(container, q, "now", "much later")
-    result = processing.handle_event(container, take_event(container, q, 2), 20)
+    result = invocation.handle_event(container, take_event(container, q, 2), 20)
     assert result == {"completed": 1, "deferred": 1}
     statuses = sorted(messages.read(container, T, i)["status"] for i in ids)
     assert statuses == ["completed", "queued"]
@@ -240,7 +241,7 @@ def test_postgres_down_redelivers_the_whole_batch(
 
     monkeypatch.setattr(container.store, "claim", down)
     with pytest.raises(DependencyUnavailable):
-        processing.handle_event(container, event, 30)
+        invocation.handle_event(container, event, 30)
 
 
 def test_a_token_limit_paces_by_tokens_and_settles_with_reported_usage(

@@ -8,9 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
 from .adapters.egress import http_client, sdk_http_client
+from .adapters.mappings import EventSourceMappings
+from .adapters.monitor import Monitor
 from .adapters.postgres import Database, Store
 from .adapters.providers import ProviderGateway
-from .adapters.rabbitmq import Broker
+from .adapters.rabbitmq import Broker, QueueReader, vhost_of
 from .adapters.redis_limiter import RedisLimiter
 from .adapters.webhooks import WebhookSender
 from .config import Settings
@@ -40,6 +42,32 @@ class Container:
     @cached_property
     def limiter(self) -> RedisLimiter:
         return RedisLimiter(self.settings.redis_url)
+
+    @cached_property
+    def monitor(self) -> Monitor:
+        return Monitor(self.limiter.client)
+
+    @cached_property
+    def mappings(self) -> EventSourceMappings | None:
+        """The worker's event source mappings, where the API runs in the cloud."""
+        s = self.settings
+        if not (s.worker_function_name and s.broker_arn):
+            return None
+        import boto3
+
+        return EventSourceMappings(
+            boto3.client("lambda"),
+            s.worker_function_name,
+            s.broker_arn,
+            s.broker_secret_arn,
+            vhost=vhost_of(s.rabbitmq_url),
+            batch_size=s.worker_batch_size,
+            batching_window_s=s.worker_batching_window_s,
+        )
+
+    def reader(self, queues: list[str]) -> QueueReader:
+        """A reader of these broker queues for one invocation (closed when it ends)."""
+        return QueueReader(self.settings.rabbitmq_url, queues)
 
     @cached_property
     def providers(self) -> ProviderGateway:

@@ -23,23 +23,34 @@ class Settings:
     admin_api_key: str = ""
     default_tenant: str = "default"
     broker_prefix: str = "airl"
-    # Worker and event-source mapping (Lambda's BatchSize / MaximumBatchingWindowInSeconds).
-    worker_batch_size: int = 10
-    worker_batching_window_s: float = 0.5
-    worker_timeout_s: float = 300.0
-    worker_concurrency: int = 64
+    # Worker and event-source mapping (Lambda's BatchSize / MaximumBatchingWindowInSeconds). An
+    # event only starts an invocation: the invocation goes on taking its queue's messages itself
+    # while it has time, so one message per event and no batching window start work at once.
+    worker_batch_size: int = 1
+    worker_batching_window_s: float = 0.0
+    worker_timeout_s: float = 900.0  # Lambda's longest invocation
+    worker_concurrency: int = 1000  # requests one invocation holds in flight at most
+    worker_lookahead_s: float = 1.0  # take a message once its queue's next slot is this close
+    worker_idle_s: float = 1.0  # an invocation with nothing to do for this long returns
+    max_workers: int = 16  # `workers` a queue may ask for
+    # Where the API manages the worker's event source mappings (the cloud); empty: locally,
+    # the bridge reads `workers` from the database.
+    worker_function_name: str = ""
+    broker_arn: str = ""
+    broker_secret_arn: str = ""
     db_pool_size: int = 16  # Postgres connections per process, kept open
     queue_poll_s: float = 1.0
     max_attempts: int = 5
     provider_timeout_s: float = 60.0
-    # Pace as if each window were this much longer (seconds, plus a fraction of the window), so
-    # that jitter between a slot and the request's arrival at the provider (a stalled process,
-    # a slow connection) never puts one request too many into the provider's window.
-    limiter_guard_s: float = 0.25
-    limiter_margin: float = 0.0
-    # A worker that may have woken up later than this after its slot takes a fresh slot instead;
-    # keep it under the guard, which absorbs the rest.
-    limiter_late_s: float = 0.05
+    # Pace as if each window were `limiter_guard_s` plus `limiter_margin` of itself longer, so
+    # that the delay between a slot and the request's arrival at the provider never puts one
+    # request too many into the provider's window. A request that would leave more than
+    # `limiter_late_s` after its slot is not sent: it takes a fresh slot. So the delay is at
+    # most `limiter_late_s` when the request leaves; the guard adds what the way to the provider
+    # may add to it.
+    limiter_guard_s: float = 0.03
+    limiter_margin: float = 0.002
+    limiter_late_s: float = 0.02
     webhook_timeout_s: float = 10.0
     webhook_max_attempts: int = 8
     sweeper_interval_s: float = 1.0

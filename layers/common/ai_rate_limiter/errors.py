@@ -80,3 +80,9 @@ class ProviderRejected(ProviderError):
 
 class QuotaExhausted(ProviderRejected):
     """The account has no quota left (`insufficient_quota`)."""
+
+
+class LateForSlot(ProviderError):
+    """The request would have left too long after its slot: it was not sent."""
+
+    retryable = True

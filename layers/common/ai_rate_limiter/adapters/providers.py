@@ -15,12 +15,14 @@ from ..domain.backoff import retry_after_s
 from ..domain.models import ChatRequest, Provider, ProviderResult, ProviderType, Usage
 from ..domain.tokens import DEFAULT_MAX_TOKENS
 from ..errors import (
+    LateForSlot,
     ProviderError,
     ProviderRejected,
     ProviderUnavailable,
     QuotaExhausted,
     RateLimited,
 )
+from .egress import Departure, departing
 
 DEFAULT_AZURE_API_VERSION = "2024-10-21"
 ANTHROPIC_DEFAULT_MAX_TOKENS = DEFAULT_MAX_TOKENS
@@ -93,15 +95,23 @@ class ProviderGateway:
             )
         return openai.OpenAI(base_url=openai_base_url(p), **common)
 
-    def call(self, p: Provider, req: ChatRequest) -> ProviderResult:
+    def call(self, p: Provider, req: ChatRequest, departure: Departure | None = None) -> ProviderResult:
+        """The provider's answer; with a `departure`, the request leaves by its time or not at
+        all (`departure.on_late`'s error)."""
         started = time.monotonic()
+        client = self._client(p)  # built before the clock starts: the first one takes a while
+        departing(departure)
         try:
             if p.type is ProviderType.ANTHROPIC:
-                text, usage, raw, model, headers = self._anthropic(p, req)
+                text, usage, raw, model, headers = self._anthropic(client, p, req)
             else:
-                text, usage, raw, model, headers = self._openai(p, req)
+                text, usage, raw, model, headers = self._openai(client, p, req)
         except SDK_ERRORS as exc:
+            if departure is not None and isinstance(exc.__cause__, LateForSlot):
+                raise exc.__cause__ from None
             raise classify(exc, p) from None
+        finally:
+            departing(None)
         latency_ms = int((time.monotonic() - started) * 1000)
         return ProviderResult(text, usage, raw, latency_ms, model, headers)
 
@@ -116,12 +126,12 @@ class ProviderGateway:
             params["temperature"] = temperature
         return {**params, **req.extra}
 
-    def _openai(self, p: Provider, req: ChatRequest) -> tuple[Any, ...]:
+    def _openai(self, client: Any, p: Provider, req: ChatRequest) -> tuple[Any, ...]:
         messages = list(req.messages)
         if req.system:
             messages.insert(0, {"role": "system", "content": req.system})
         params = self._params(p, req)
-        raw = post(self._client(p), "/chat/completions", {"messages": messages, **params}, self.timeout_s)
+        raw = post(client, "/chat/completions", {"messages": messages, **params}, self.timeout_s)
         body = answer_json(raw, p)
         choices = body.get("choices") or [{}]
         text = (choices[0].get("message") or {}).get("content") or ""
@@ -129,14 +139,12 @@ class ProviderGateway:
         counts = Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
         return text, counts, body, body.get("model", params["model"]), dict(raw.headers)
 
-    def _anthropic(self, p: Provider, req: ChatRequest) -> tuple[Any, ...]:
+    def _anthropic(self, client: Any, p: Provider, req: ChatRequest) -> tuple[Any, ...]:
         params = self._params(p, req)
         params.setdefault("max_tokens", ANTHROPIC_DEFAULT_MAX_TOKENS)
         if req.system:
             params["system"] = req.system
-        raw = post(
-            self._client(p), "/v1/messages", {"messages": list(req.messages), **params}, self.timeout_s
-        )
+        raw = post(client, "/v1/messages", {"messages": list(req.messages), **params}, self.timeout_s)
         body = answer_json(raw, p)
         text = "".join(str(b.get("text", "")) for b in body.get("content") or [] if b.get("type") == "text")
         usage = body.get("usage") or {}

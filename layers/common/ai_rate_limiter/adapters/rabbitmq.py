@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import pika
 import pika.exceptions
@@ -14,12 +16,18 @@ from pika.adapters.blocking_connection import BlockingChannel
 from ..domain.names import BrokerNames
 from ..errors import DependencyUnavailable, NotFound
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 BULK_THRESHOLD = 20  # more messages than this go out with pipelined confirms
 WRITE_CHUNK = 256 * 1024  # bytes of marshalled frames per write in a bulk publish
 DELIVERY_LIMIT = 20  # redeliveries of one message before it is dead-lettered
 PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type="application/json")
 RECOVERABLE: tuple[type[BaseException], ...] = (pika.exceptions.AMQPError, OSError)
+
+
+def vhost_of(url: str) -> str:
+    return unquote(urlsplit(url).path.lstrip("/")) or "/"
 
 
 def connection_parameters(url: str, heartbeat: int = 60) -> pika.URLParameters:
@@ -168,19 +176,22 @@ class Broker:
                         raise DependencyUnavailable(f"rabbitmq: {exc!r}") from exc
             raise AssertionError("unreachable")
 
-    def declare(self, names: BrokerNames) -> None:
+    def declare(self, names: BrokerNames, shards: int = 1) -> None:
+        """The queue's dead-letter queue, its shards (shard 0 is `main`) and its delay queue."""
+
         def op(ch: BlockingChannel) -> None:
             ch.queue_declare(names.dead_letter, durable=True, arguments={"x-queue-type": "quorum"})
-            ch.queue_declare(
-                names.main,
-                durable=True,
-                arguments={
-                    "x-queue-type": "quorum",
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": names.dead_letter,
-                    "x-delivery-limit": DELIVERY_LIMIT,
-                },
-            )
+            for shard in names.shards(shards):
+                ch.queue_declare(
+                    shard,
+                    durable=True,
+                    arguments={
+                        "x-queue-type": "quorum",
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": names.dead_letter,
+                        "x-delivery-limit": DELIVERY_LIMIT,
+                    },
+                )
             ch.queue_declare(
                 names.delay,
                 durable=True,
@@ -192,12 +203,16 @@ class Broker:
 
         self._run(op)
 
-    def delete(self, names: BrokerNames) -> None:
+    def delete(self, names: BrokerNames, shards: int = 1) -> None:
         def op(ch: BlockingChannel) -> None:
-            for name in (names.main, names.delay, names.dead_letter):
+            for name in (*names.shards(shards), names.delay, names.dead_letter):
                 ch.queue_delete(name)
 
         self._run(op)
+
+    def ready(self, queue: str) -> int:
+        """Messages waiting in `queue` (not yet delivered)."""
+        return int(self._run(lambda ch: ch.queue_declare(queue, passive=True)).method.message_count)
 
     def publish(self, queue: str, bodies: Sequence[bytes]) -> None:
         """Publish persistent messages; returns once the broker has confirmed every one."""
@@ -226,3 +241,53 @@ class Broker:
     def close(self) -> None:
         with self._lock:
             self._reset()
+
+
+class QueueReader:
+    """Takes a queue's messages one at a time while an invocation runs (`basic.get`: nothing is
+    delivered before it is asked for, so nothing waits in this process unasked) and acks each
+    once its outcome is stored. Its own shard comes first, then the queue's other shards, so
+    that every worker helps with whatever is waiting. Not thread-safe: one thread uses it;
+    closing it gives every unacked message back to the broker."""
+
+    def __init__(self, url: str, queues: Sequence[str]) -> None:
+        self.queues = list(queues)
+        try:
+            self.conn = pika.BlockingConnection(connection_parameters(url, heartbeat=30))
+            self.ch = self.conn.channel()
+        except RECOVERABLE as exc:
+            raise DependencyUnavailable(f"rabbitmq: {exc!r}") from exc
+        self.unacked = 0
+
+    def get(self) -> tuple[int, bytes] | None:
+        """The next waiting message, as (delivery tag, body), or None if every shard is empty."""
+        try:
+            for queue in self.queues:
+                method, _, body = self.ch.basic_get(queue, auto_ack=False)
+                if method is not None:
+                    self.unacked += 1
+                    return int(method.delivery_tag), bytes(body)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                raise NotFound("The queue's broker queue does not exist.") from exc
+            raise DependencyUnavailable(f"rabbitmq: {exc!r}") from exc
+        except RECOVERABLE as exc:
+            raise DependencyUnavailable(f"rabbitmq: {exc!r}") from exc
+        return None
+
+    def ack(self, tag: int) -> None:
+        try:
+            self.ch.basic_ack(tag)
+            self.unacked -= 1
+        except RECOVERABLE as exc:  # the message comes back and finds its outcome stored
+            log.warning("ack of a finished message failed: %r", exc)
+
+    def pump(self) -> None:
+        """Keep the connection's heartbeats going while the thread does other work."""
+        with contextlib.suppress(*RECOVERABLE):
+            self.conn.process_data_events(time_limit=0)
+
+    def close(self) -> None:
+        with contextlib.suppress(*RECOVERABLE):
+            if self.conn.is_open:
+                self.conn.close()

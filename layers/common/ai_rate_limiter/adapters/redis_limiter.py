@@ -42,6 +42,7 @@ class RedisLimiter:
         )
         self._reserve = self.client.register_script(script("reserve.lua"))
         self._push = self.client.register_script(script("push.lua"))
+        self._refund = self.client.register_script(script("refund.lua"))
         self._concurrency = self.client.register_script(script("concurrency.lua"))
         self._pending: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -141,6 +142,14 @@ class RedisLimiter:
         """No slot on these limits starts sooner than `not_before_s` from now (a provider's reset)."""
         try:
             return int(self._eval(self._push, [lim.key for lim in limits], [int(not_before_s * 1_000_000)]))
+        except redis.RedisError as exc:
+            raise LimiterUnavailable(f"redis: {exc}") from exc
+
+    def refund(self, limits: Sequence[Limit], slot_us: int) -> int:
+        """Give back the slot starting at `slot_us` on these limits if no later one was taken."""
+        try:
+            args = [slot_us, *(lim.increment_us for lim in limits)]
+            return int(self._eval(self._refund, [lim.key for lim in limits], args))
         except redis.RedisError as exc:
             raise LimiterUnavailable(f"redis: {exc}") from exc
 

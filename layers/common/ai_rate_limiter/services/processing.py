@@ -1,4 +1,5 @@
-"""The worker's use case: claim each delivered message, wait for the limiter, call, store.
+"""One message's way through the worker: a slot on the provider of its queue that serves
+soonest, the call, and the answer stored; after a failed call, what `decisions.on_error` says.
 
 Whole-batch retry is the cloud's rule, so one bad message never raises: its failure is
 recorded in Postgres. Only an unreachable dependency raises, so the batch is delivered again.
@@ -6,38 +7,38 @@ recorded in Postgres. Only an unreachable dependency raises, so the batch is del
 
 from __future__ import annotations
 
-import json
 import logging
+import threading
 import time
-import uuid
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor, wait
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from ..adapters.postgres import provider_from_row
+from ..adapters.egress import Departure
 from ..bootstrap import Container
 from ..domain import tokens
-from ..domain.backoff import backoff_s
+from ..domain.decisions import OnError, on_error
 from ..domain.feedback import exhausted
 from ..domain.limits import Headroom, Limit, concurrency_key, provider_limits, settlement, token_key
 from ..domain.models import ClaimedMessage, Provider
-from ..domain.rmq_event import parse_event
 from ..errors import (
     DependencyUnavailable,
+    LateForSlot,
     LimiterUnavailable,
     ProviderError,
-    ProviderRejected,
-    QuotaExhausted,
     RateLimited,
 )
 from . import dispatch
+from .intake import Ticket
 
 log = logging.getLogger(__name__)
 SAFETY_S = 1.0  # never plan work into the last second of an invocation
 MAX_LATE_WAKEUPS = 5
 LIMITER_RETRY_S = 5.0  # how long a message waits when Redis is unreachable
+
+
+# Set when the execution environment is being shut down (locally, on SIGTERM): work that has
+# not been sent is handed back to the queue at once, and calls already out are waited for.
+SHUTTING_DOWN = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -49,67 +50,42 @@ class Deadline:
         return cls(time.monotonic() + seconds)
 
     def remaining(self) -> float:
-        return self.at - time.monotonic()
+        return 0.0 if SHUTTING_DOWN.is_set() else self.at - time.monotonic()
 
 
-def message_ids(event: Mapping[str, Any]) -> tuple[list[str], int]:
-    """Message ids in delivery order, and how many bodies were malformed (logged and acked)."""
-    ids, malformed = [], 0
-    for d in parse_event(event):
-        try:
-            ids.append(str(uuid.UUID(json.loads(d.data)["message_id"])))
-        except (ValueError, KeyError, TypeError):
-            log.warning("skipping a malformed message on %s (%d bytes)", d.queue, len(d.data))
-            malformed += 1
-    return list(dict.fromkeys(ids)), malformed
+class Deferral(Exception):
+    """No slot starts in the invocation's time: the message comes back after `wait_s`."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(wait_s)
+        self.wait_s = wait_s
 
 
-def handle_event(c: Container, event: Mapping[str, Any], remaining_s: float) -> dict[str, int]:
-    deadline = Deadline.after(remaining_s)
-    ids, malformed = message_ids(event)
-    claimed = c.store.claim(ids, lease_s=remaining_s + 30)
-    outcomes: Counter[str] = Counter(malformed=malformed, skipped=len(ids) - len(claimed))
-    if len(claimed) < len(ids):
-        outcomes["parked"] = park_held(c, set(ids) - {m.id for m in claimed})
-    if not claimed:
-        return dict(+outcomes)
-    providers: dict[tuple[str, str], list[Provider]] = {}
-    threads: dict[tuple[str, str], Executor] = {}
-    for m in claimed:
-        key = (m.tenant_id, m.queue_id)
-        if key not in providers:
-            providers[key] = [provider_from_row(r, w) for r, w in c.store.queue_providers(*key)]
-            threads[key] = c.threads(*key)
-    call_budget = min(c.settings.provider_timeout_s, remaining_s / 3)
-
-    def run(m: ClaimedMessage) -> str:
-        return process(c, m, providers[(m.tenant_id, m.queue_id)], deadline, call_budget)
-
-    futures = [threads[(m.tenant_id, m.queue_id)].submit(run, m) for m in claimed]
-    wait(futures)
-    errors = [e for e in (f.exception() for f in futures) if e is not None]
-    outcomes.update(f.result() for f in futures if f.exception() is None)
-    for batch_id in {m.batch_id for m in claimed if m.batch_id}:
-        c.store.finish_batch_if_done(batch_id)
-    if errors:
-        raise errors[0]  # only DependencyUnavailable gets here: redeliver the whole batch
-    return dict(+outcomes)
+@dataclass(frozen=True)
+class Slot:
+    wait_s: float = 1.0  # no slot: how long until one could start
+    earliest: float = 0.0  # the slot's start on this clock lies in [earliest, latest]
+    latest: float = 0.0
+    waited_s: float = 0.0  # from first asking until the slot
+    slot_us: int = 0  # its start on the limiter's clock
+    limits: Sequence[Limit] = ()  # the limits it was taken on
 
 
-def park_held(c: Container, ids: set[str]) -> int:
-    """A redelivered message another worker still leases comes back once that lease ends,
-    so it is not lost if that worker died."""
-    held = c.store.held_elsewhere(sorted(ids))
-    for row in held:
-        dispatch.publish_later(c, row["tenant_id"], row["queue_id"], row["id"], row["lease_left_s"] + 1.0)
-    return len(held)
+def late_error(late_s: float) -> LateForSlot:
+    return LateForSlot(f"the request would have left {late_s * 1e3:.1f} ms after its slot")
 
 
 def process(
-    c: Container, m: ClaimedMessage, providers: list[Provider], deadline: Deadline, call_budget: float
+    c: Container,
+    m: ClaimedMessage,
+    providers: list[Provider],
+    deadline: Deadline,
+    call_budget: float,
+    ticket: Ticket | None = None,
 ) -> str:
+    ticket = ticket or Ticket.untracked()
     try:
-        return _attempt_until_done(c, m, providers, deadline, call_budget)
+        return attempt_until_done(c, m, providers, deadline, call_budget, ticket)
     except LimiterUnavailable as exc:
         # Without the shared limiter nothing may be sent: the message waits, nothing fails.
         log.warning("limiter unreachable; message %s waits %.0fs: %s", m.id, LIMITER_RETRY_S, exc.detail)
@@ -128,79 +104,142 @@ def process(
         return "failed"
 
 
-def _attempt_until_done(
-    c: Container, m: ClaimedMessage, providers: list[Provider], deadline: Deadline, call_budget: float
+@dataclass(frozen=True)
+class Plan:
+    """A message's usable providers with what it costs on each of their limits."""
+
+    providers: list[Provider]
+    costs: list[int]  # estimated tokens, for providers with a token limit
+    limits: list[list[Limit]]
+    headroom: Headroom
+
+    @classmethod
+    def of(cls, c: Container, m: ClaimedMessage, providers: list[Provider]) -> Plan:
+        headroom = Headroom(c.settings.limiter_guard_s, c.settings.limiter_margin)
+        usable = [p for p in providers if p.status == "active"]
+        costs = [tokens.estimate(p, m.request) if p.token_limit else 0 for p in usable]
+        limits = [provider_limits(p, headroom, cost) for p, cost in zip(usable, costs, strict=True)]
+        return cls(usable, costs, limits, headroom)
+
+
+def attempt_until_done(
+    c: Container,
+    m: ClaimedMessage,
+    providers: list[Provider],
+    deadline: Deadline,
+    call_budget: float,
+    ticket: Ticket,
 ) -> str:
-    s = c.settings
-    candidates = [p for p in providers if p.status == "active"]
-    if not candidates:
+    """The sequence: a slot on the provider that serves soonest, the call, the answer stored;
+    after a failed call, what `on_error` decides."""
+    plan = Plan.of(c, m, providers)
+    if not plan.providers:
         c.store.fail(m, "The queue has no usable provider (deleted or out of quota).", None, counted=False)
         return "failed"
-    headroom = Headroom(s.limiter_guard_s, s.limiter_margin)
-    costs = [tokens.estimate(p, m.request) if p.token_limit else 0 for p in candidates]
-    limits = [provider_limits(p, headroom, cost) for p, cost in zip(candidates, costs, strict=True)]
     failing: set[int] = set()  # providers that just failed with 5xx/timeouts: try the others first
     budget = lambda: deadline.remaining() - call_budget - SAFETY_S  # noqa: E731
     while True:
-        usable = [i for i in range(len(candidates)) if i not in failing] or list(range(len(candidates)))
-        free, places = take_places(c, candidates, usable, call_budget + 30)
-        if not free:  # every provider is at its max_concurrency: wait for one to free a place
-            if budget() < 0:
-                dispatch.defer(c, m, 1.0, None)
-                return "deferred"
-            c.limiter.wait_for_release([concurrency_key(candidates[i]) for i in usable], min(1.0, budget()))
-            continue
-        chosen: int | None = None
         try:
-            chosen, wait_s = take_slot(
-                c, [limits[i] for i in free], budget, [candidates[i].weight for i in free]
-            )
-        finally:
-            give_back(c, candidates, places, keep=None if chosen is None else free[chosen])
-        if chosen is None:
-            dispatch.defer(c, m, wait_s, None)
+            index, departure, lease = take_provider(c, plan, failing, budget, ticket)
+        except Deferral as deferral:
+            dispatch.defer(c, m, deferral.wait_s, None)
             return "deferred"
-        index = free[chosen]
-        provider = candidates[index]
+        provider = plan.providers[index]
         try:
             try:
-                result = c.providers.call(provider, m.request)
+                result = c.providers.call(provider, m.request, departure)
             finally:
-                give_back(c, candidates, {index: places[index]} if index in places else {}, keep=None)
-        except ProviderRejected as exc:
-            if isinstance(exc, QuotaExhausted):
-                c.store.set_provider_status(provider.id, "quota_exhausted", exc.detail)
-            c.store.fail(m, exc.detail, provider)
-            return "failed"
-        except RateLimited as exc:
-            # Every worker waits until the provider's reset; this try is not counted.
-            pause = exc.retry_after_s or backoff_s(1, base=1.0)
-            log.warning("429 from %s; all workers wait %.2fs", provider.name, pause)
-            c.limiter.settle(settlement(provider, headroom, costs[index], 0))
-            c.limiter.push(limits[index], pause)
-            pause, counted, error = 0.0, False, exc.detail
+                if lease is not None:
+                    c.limiter.release(concurrency_key(provider), lease)
+                if departure.sent_at is not None:
+                    ticket.departed(provider.id, departure.sent_at - departure.slot_at)
+        except LateForSlot:
+            ticket.held_back(provider.id)
+            c.limiter.refund(departure.slot.limits, departure.slot.slot_us)
+            continue  # nothing was sent: a fresh slot
         except ProviderError as exc:
-            if m.tries + 1 >= s.max_attempts:
-                c.store.fail(m, f"gave up after {m.tries + 1} attempts: {exc.detail}", provider)
-                return "failed"
-            pause = getattr(exc, "retry_after_s", None) or backoff_s(m.tries + 1)
-            failing.add(index)
-            counted, error = True, exc.detail
+            if isinstance(exc, RateLimited):
+                ticket.rate_limited(provider.id)
+            decision = on_error(exc, m.tries, c.settings.max_attempts)
+            outcome = carry_out(c, m, plan, index, decision, budget)
+            if outcome is not None:
+                return outcome
+            if decision.avoid_provider:
+                failing.add(index)
+            time.sleep(decision.pause_s)
+            renewed = c.store.renew(m, deadline.remaining() + 30, decision.counted, decision.error)
+            if renewed is None:
+                return "lost"
+            m = renewed
         else:
             used = tokens.charged(
                 provider, m.request, result.usage.prompt_tokens, result.usage.completion_tokens
             )
-            c.limiter.settle(settlement(provider, headroom, costs[index], used))
-            react_to_headers(c, provider, limits[index], result.headers)
+            c.limiter.settle(settlement(provider, plan.headroom, plan.costs[index], used))
+            react_to_headers(c, provider, plan.limits[index], result.headers)
             return "completed" if c.store.complete(m, provider, result) else "lost"
-        if pause > budget():
-            dispatch.defer(c, m, pause, error)
-            return "deferred"
-        time.sleep(pause)
-        renewed = c.store.renew(m, deadline.remaining() + 30, counted, error)
-        if renewed is None:
-            return "lost"
-        m = renewed
+
+
+def carry_out(
+    c: Container, m: ClaimedMessage, plan: Plan, index: int, decision: OnError, budget: Callable[[], float]
+) -> str | None:
+    """Do what `on_error` decided; the message's outcome if it is settled now, None to retry."""
+    provider = plan.providers[index]
+    if decision.quota_exhausted:
+        c.store.set_provider_status(provider.id, "quota_exhausted", decision.error)
+    if decision.hold_provider_s is not None:
+        log.warning("429 from %s; all workers wait %.2fs", provider.name, decision.hold_provider_s)
+        c.limiter.settle(settlement(provider, plan.headroom, plan.costs[index], 0))
+        c.limiter.push(plan.limits[index], decision.hold_provider_s)
+    if not decision.retry:
+        c.store.fail(m, decision.error, provider)
+        return "failed"
+    if decision.pause_s > budget():
+        dispatch.defer(c, m, decision.pause_s, decision.error)
+        return "deferred"
+    return None
+
+
+@dataclass
+class SlotDeparture(Departure):
+    slot: Slot = Slot()
+
+    @property
+    def slot_at(self) -> float:
+        return self.slot.earliest
+
+
+def take_provider(
+    c: Container, plan: Plan, failing: set[int], budget: Callable[[], float], ticket: Ticket
+) -> tuple[int, SlotDeparture, str | None]:
+    """A place (under `max_concurrency`) and a slot on the provider that serves soonest, slept
+    until; (index, when the request must leave, the place's lease). None: the message was
+    Deferral: no slot starts before the invocation's time runs out."""
+    providers = plan.providers
+    while True:
+        usable = [i for i in range(len(providers)) if i not in failing] or list(range(len(providers)))
+        free, places = take_places(c, providers, usable, c.settings.provider_timeout_s + 30)
+        if not free:  # every provider is at its max_concurrency: wait for one to free a place
+            if budget() < 0:
+                raise Deferral(1.0)
+            c.limiter.wait_for_release([concurrency_key(providers[i]) for i in usable], min(1.0, budget()))
+            continue
+        chosen: int | None = None
+        try:
+            chosen, slot = take_slot(
+                c, [plan.limits[i] for i in free], budget, [providers[i].weight for i in free]
+            )
+            if chosen is not None:
+                ticket.slot(slot.latest, slot.waited_s, providers[free[chosen]].id)
+        finally:
+            give_back(c, providers, places, keep=None if chosen is None else free[chosen])
+        if chosen is None:
+            raise Deferral(slot.wait_s)
+        index = free[chosen]
+        departure = SlotDeparture(
+            leave_by=slot.earliest + c.settings.limiter_late_s, on_late=late_error, slot=slot
+        )
+        return index, departure, places.get(index)
 
 
 def take_places(
@@ -236,29 +275,38 @@ def react_to_headers(c: Container, provider: Provider, limits: list[Limit], head
 
 def take_slot(
     c: Container, limits: list[list[Limit]], max_wait: Callable[[], float], weights: Sequence[float] = ()
-) -> tuple[int | None, float]:
-    """Reserve the soonest slot and sleep until it: (candidate index, 0), or (None, wait) when
-    no slot starts in time.
+) -> tuple[int | None, Slot]:
+    """Reserve the soonest slot and sleep until it: (candidate index, the slot), or (None, how
+    long until one could start) when no slot starts in time.
 
     The limiter says when the slot starts on this clock within the error of its clock offset.
     Sleeping to the latest bound means never sending early; a worker that wakes up later than
-    LIMITER_LATE_S after the earliest bound gives its slot up and takes a fresh one, so a stall
-    leaves a gap in the schedule instead of a burst that would overfill the provider's window."""
-    index: int | None = None
+    LIMITER_LATE_S after the earliest bound gives its slot up and takes a fresh one (and the
+    request itself is not sent later than that either: `Departure`), so a stall leaves a gap in
+    the schedule instead of a burst that would overfill the provider's window."""
+    asked = time.monotonic()
     for _ in range(MAX_LATE_WAKEUPS):
         budget = max_wait()
         if budget < 0:
-            return None, 1.0
-        slot = c.limiter.reserve(limits, budget, weights)
-        if not slot.reserved:
-            return None, slot.wait_s
-        index = slot.index
-        time.sleep(max(slot.latest - time.monotonic(), 0.0))
-        late = time.monotonic() - slot.earliest
+            return None, Slot(1.0)
+        reservation = c.limiter.reserve(limits, budget, weights)
+        if not reservation.reserved:
+            return None, Slot(reservation.wait_s)
+        time.sleep(max(reservation.latest - time.monotonic(), 0.0))
+        late = time.monotonic() - reservation.earliest
+        slot = Slot(
+            0.0,
+            reservation.earliest,
+            reservation.latest,
+            reservation.latest - asked,
+            reservation.slot_us,
+            limits[reservation.index],
+        )
         if late <= c.settings.limiter_late_s:
             break
         log.debug("%.1f ms after the slot; taking a fresh one", late * 1e3)
-    return index, 0.0
+        c.limiter.refund(slot.limits, slot.slot_us)
+    return reservation.index, slot
 
 
 def _quietly(action: Callable[[], object]) -> None:

@@ -1,0 +1,38 @@
+"""What to do when a provider call fails: a pure decision, apart from the work of doing it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ProviderError, ProviderRejected, QuotaExhausted, RateLimited
+from .backoff import backoff_s
+
+
+@dataclass(frozen=True)
+class OnError:
+    """`retry` False: the message fails with `error`. Otherwise it is tried again after
+    `pause_s`, on another provider first if `avoid_provider`."""
+
+    retry: bool
+    error: str
+    pause_s: float = 0.0
+    counted: bool = True  # the try is spent from the message's budget
+    avoid_provider: bool = False
+    hold_provider_s: float | None = None  # every worker waits this long for this provider (429)
+    quota_exhausted: bool = False  # the provider is stopped until it gets a new key
+
+
+def on_error(exc: ProviderError, tries: int, max_attempts: int) -> OnError:
+    """`tries`: the calls already counted against the message before this one."""
+    if isinstance(exc, QuotaExhausted):
+        return OnError(False, exc.detail, quota_exhausted=True)
+    if isinstance(exc, ProviderRejected):
+        return OnError(False, exc.detail)
+    if isinstance(exc, RateLimited):
+        # The provider's reset holds every worker; the try is not the message's fault.
+        hold = exc.retry_after_s or backoff_s(1, base=1.0)
+        return OnError(True, exc.detail, counted=False, hold_provider_s=hold)
+    if tries + 1 >= max_attempts:
+        return OnError(False, f"gave up after {tries + 1} attempts: {exc.detail}")
+    pause = getattr(exc, "retry_after_s", None) or backoff_s(tries + 1)
+    return OnError(True, exc.detail, pause_s=pause, avoid_provider=True)

@@ -1,0 +1,129 @@
+"""When an invocation takes its next message: once its queue's schedule is close.
+
+A message is taken from the broker only when the latest slot this invocation has reserved
+starts within `lookahead_s`, so on a slow limit the backlog waits in the broker (where it costs
+nothing) instead of being claimed, parked and published again; and on a fast one enough
+messages hold slots ahead that the schedule never waits for the next claim.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+MAX_UNSLOTTED = 64  # messages taken that have not reserved their first slot yet
+SAMPLES = 2048  # recent measurements kept per provider
+
+
+@dataclass
+class ProviderFigures:
+    """What one invocation measured of one provider since its figures were last taken."""
+
+    sent: int = 0
+    rate_limited: int = 0
+    late: int = 0  # requests held back because they would have left too late
+    delays_s: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLES))  # slot to departure
+    waits_s: deque[float] = field(default_factory=lambda: deque(maxlen=SAMPLES))  # asking to slot
+
+
+class Intake:
+    def __init__(self, lookahead_s: float, max_in_flight: int, max_unslotted: int = MAX_UNSLOTTED) -> None:
+        self.lookahead_s = lookahead_s
+        self.max_in_flight = max_in_flight
+        self.max_unslotted = max_unslotted
+        self.in_flight = 0
+        self.unslotted = 0
+        self.horizon = -math.inf  # the latest slot reserved, on the monotonic clock
+        self.completed = 0
+        self.figures: dict[str, ProviderFigures] = {}
+        self._cond = threading.Condition()
+
+    def room_in(self, now: float | None = None) -> float:
+        """Seconds until another message may be taken: 0 now; inf until one finishes."""
+        now = time.monotonic() if now is None else now
+        with self._cond:
+            if self.in_flight >= self.max_in_flight or self.unslotted >= self.max_unslotted:
+                return math.inf
+            return max(0.0, self.horizon - self.lookahead_s - now)
+
+    def wait(self, timeout_s: float) -> None:
+        """Sleep up to `timeout_s`, waking early when a message reserves its slot or finishes."""
+        with self._cond:
+            self._cond.wait(max(timeout_s, 0.0))
+
+    def ticket(self) -> Ticket:
+        with self._cond:
+            self.in_flight += 1
+            self.unslotted += 1
+        return Ticket(self)
+
+    def take_figures(self) -> tuple[int, dict[str, ProviderFigures]]:
+        """Completions and provider figures since the last call."""
+        with self._cond:
+            done, figures = self.completed, self.figures
+            self.completed, self.figures = 0, {}
+        return done, figures
+
+    def _figures(self, provider_id: str) -> ProviderFigures:
+        figures = self.figures.get(provider_id)
+        if figures is None:
+            figures = self.figures[provider_id] = ProviderFigures()
+        return figures
+
+
+class Ticket:
+    """One message's place in the intake, and what it measures on its way."""
+
+    def __init__(self, intake: Intake | None) -> None:
+        self.intake = intake
+        self.slotted = False
+        self.finished = False
+
+    @classmethod
+    def untracked(cls) -> Ticket:
+        return cls(None)
+
+    def slot(self, at: float, waited_s: float, provider_id: str) -> None:
+        """The message holds a slot starting at `at` (monotonic), after asking for `waited_s`."""
+        intake = self.intake
+        if intake is None:
+            return
+        with intake._cond:
+            if not self.slotted:
+                self.slotted = True
+                intake.unslotted -= 1
+            intake.horizon = max(intake.horizon, at)
+            intake._figures(provider_id).waits_s.append(waited_s)
+            intake._cond.notify_all()
+
+    def departed(self, provider_id: str, delay_s: float) -> None:
+        if self.intake is not None:
+            with self.intake._cond:
+                figures = self.intake._figures(provider_id)
+                figures.sent += 1
+                figures.delays_s.append(delay_s)
+
+    def held_back(self, provider_id: str) -> None:
+        if self.intake is not None:
+            with self.intake._cond:
+                self.intake._figures(provider_id).late += 1
+
+    def rate_limited(self, provider_id: str) -> None:
+        if self.intake is not None:
+            with self.intake._cond:
+                self.intake._figures(provider_id).rate_limited += 1
+
+    def done(self, completed: bool) -> None:
+        intake = self.intake
+        if intake is None or self.finished:
+            return
+        self.finished = True
+        with intake._cond:
+            intake.in_flight -= 1
+            if not self.slotted:
+                intake.unslotted -= 1
+            intake.completed += int(completed)
+            intake._cond.notify_all()

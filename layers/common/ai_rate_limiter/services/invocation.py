@@ -1,0 +1,232 @@
+"""One worker invocation: its event's messages, then its queue's, for as long as it has time.
+
+An Amazon MQ event source mapping runs one invocation at a time, and an event ends when its
+slowest call returns. So the event only starts the work: the invocation goes on taking its
+queue's messages itself (its own shard first, then the queue's other shards) whenever the
+queue's schedule is close (`Intake`), acks each once its outcome is stored, and stops taking
+new ones shortly before its deadline, or once it has had nothing to do for `WORKER_IDLE_S`.
+Then it waits for the calls still out and returns. The event's own messages are acked by the
+event source when it returns (whole-batch retry: if a dependency is down it raises, and the
+event comes again; the messages it took itself go back to the broker unacked).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, wait
+from typing import Any
+
+from ..adapters.postgres import provider_from_row
+from ..adapters.rabbitmq import QueueReader
+from ..bootstrap import Container
+from ..domain.models import ClaimedMessage, Provider
+from ..domain.names import parse_shard
+from ..domain.rmq_event import Delivery, parse_event
+from . import dispatch, monitoring
+from .intake import Intake
+from .processing import SAFETY_S, SHUTTING_DOWN, Deadline, process
+
+log = logging.getLogger(__name__)
+PUMP_S = 0.05  # the longest the reading thread leaves the broker connection and acks waiting
+FINISH_EVERY_S = 0.5  # how often finished batches are marked finished while the invocation runs
+MAX_TAKE = 50  # messages claimed in one query
+
+
+def message_id(body: bytes) -> str | None:
+    try:
+        return str(uuid.UUID(json.loads(body)["message_id"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def message_ids(deliveries: Sequence[Delivery]) -> tuple[list[str], int]:
+    """Message ids in delivery order, and how many bodies were malformed (logged and acked)."""
+    ids, malformed = [], 0
+    for d in deliveries:
+        mid = message_id(d.data)
+        if mid is None:
+            log.warning("skipping a malformed message on %s (%d bytes)", d.queue, len(d.data))
+            malformed += 1
+        else:
+            ids.append(mid)
+    return list(dict.fromkeys(ids)), malformed
+
+
+def handle_event(c: Container, event: Mapping[str, Any], remaining_s: float) -> dict[str, int]:
+    deliveries = parse_event(event)
+    ids, malformed = message_ids(deliveries)
+    run = Invocation(c, Deadline.after(remaining_s))
+    run.outcomes["malformed"] += malformed
+    try:
+        run.take(ids)
+        for name in dict.fromkeys(d.queue for d in deliveries):
+            run.consume(name)
+    finally:
+        run.drain()
+    return run.result()
+
+
+class Invocation:
+    def __init__(self, c: Container, deadline: Deadline) -> None:
+        s = c.settings
+        self.c, self.deadline = c, deadline
+        self.call_budget = min(s.provider_timeout_s, max(deadline.remaining(), 0.0) / 3)
+        self.stop_at = deadline.at - self.call_budget - SAFETY_S  # no new work after this
+        self.intake = Intake(s.worker_lookahead_s, s.worker_concurrency)
+        self.outcomes: Counter[str] = Counter()
+        self.errors: list[BaseException] = []
+        self.finished: queue.SimpleQueue[int] = queue.SimpleQueue()  # delivery tags to ack
+        self.futures: list[Future[None]] = []
+        self.providers: dict[tuple[str, str], list[Provider]] = {}
+        self.batches: set[str] = set()  # touched since they were last looked at
+        self.lock = threading.Lock()
+        self.started = time.time()
+
+    def take(self, ids: Sequence[str], tags: Mapping[str, int] | None = None) -> None:
+        """Claim these messages and start each; those already done (a redelivery) are acked,
+        and one another worker still leases comes back when that lease ends."""
+        if not ids:
+            return
+        claimed = self.c.store.claim(ids, lease_s=self.deadline.remaining() + 30)
+        got = {m.id for m in claimed}
+        if len(got) < len(ids):
+            parked = park_held(self.c, set(ids) - got)
+            with self.lock:
+                self.outcomes["skipped"] += len(ids) - len(got)
+                self.outcomes["parked"] += parked
+            for mid in set(ids) - got:
+                if tags is not None:
+                    self.finished.put(tags[mid])
+        for m in claimed:
+            self.start(m, None if tags is None else tags[m.id])
+
+    def start(self, m: ClaimedMessage, tag: int | None) -> None:
+        key = (m.tenant_id, m.queue_id)
+        providers = self.providers.get(key)
+        if providers is None:
+            rows = self.c.store.queue_providers(*key)
+            providers = self.providers[key] = [provider_from_row(r, w) for r, w in rows]
+        ticket = self.intake.ticket()
+
+        def run() -> None:
+            completed = False
+            try:
+                outcome = process(self.c, m, providers, self.deadline, self.call_budget, ticket)
+                completed = outcome == "completed"
+                with self.lock:
+                    self.outcomes[outcome] += 1
+                    if m.batch_id:
+                        self.batches.add(m.batch_id)
+                if tag is not None:
+                    self.finished.put(tag)
+            except BaseException as exc:  # only DependencyUnavailable gets here
+                with self.lock:
+                    self.errors.append(exc)
+            finally:
+                ticket.done(completed)
+
+        self.futures.append(self.c.threads(*key).submit(run))
+
+    def consume(self, name: str) -> None:
+        """Go on taking messages from the broker queue `name` (and its sibling shards)."""
+        s = self.c.settings
+        parsed = parse_shard(s.broker_prefix, name)
+        if parsed is None:
+            return
+        tenant, queue_id, shard = parsed
+        rows = self.c.store.queue_workers(tenant, queue_id)
+        if not rows:
+            return
+        shards = self.c.names(tenant, queue_id).shards(max(rows[0]["shards"], shard + 1))
+        reader = self.c.reader(shards[shard:] + shards[:shard])
+        monitor = monitoring.InvocationReport(self.c, tenant, queue_id, shard, self.started)
+        idle_since = time.monotonic()
+        try:
+            while not self.errors:
+                self.tick(reader, monitor)
+                now = time.monotonic()
+                if now >= self.stop_at or SHUTTING_DOWN.is_set():
+                    break
+                room = self.intake.room_in(now)
+                if room > 0:
+                    self.intake.wait(min(room, PUMP_S))
+                    idle_since = now
+                    continue
+                taken = self.read(reader)
+                if taken:
+                    idle_since = now
+                elif self.intake.in_flight:
+                    idle_since = now
+                    self.intake.wait(PUMP_S)
+                elif now - idle_since >= s.worker_idle_s:
+                    break
+                else:
+                    self.intake.wait(min(PUMP_S, s.worker_idle_s))
+        finally:
+            while any(not f.done() for f in self.futures):
+                self.tick(reader, monitor)
+                wait(self.futures, timeout=PUMP_S)
+            self.tick(reader, monitor, final=True)
+            reader.close()
+
+    def read(self, reader: QueueReader) -> int:
+        """Take what is waiting, up to MAX_TAKE while the intake has room; how many."""
+        tags: dict[str, int] = {}
+        while len(tags) < MAX_TAKE and (not tags or self.intake.room_in() == 0):
+            got = reader.get()
+            if got is None:
+                break
+            tag, body = got
+            mid = message_id(body)
+            if mid is None or mid in tags:
+                log.warning("skipping a malformed or repeated message (%d bytes)", len(body))
+                with self.lock:
+                    self.outcomes["malformed"] += 1
+                reader.ack(tag)
+                continue
+            tags[mid] = tag
+        self.take(list(tags), tags)
+        return len(tags)
+
+    def tick(self, reader: QueueReader, monitor: monitoring.InvocationReport, final: bool = False) -> None:
+        """The reading thread's chores: acks, heartbeats, finished batches, the report."""
+        while True:
+            try:
+                reader.ack(self.finished.get_nowait())
+            except queue.Empty:
+                break
+        reader.pump()
+        if final or monitor.due():
+            self.finish_batches()
+            monitor.send(self.intake, final=final)
+
+    def finish_batches(self) -> None:
+        with self.lock:
+            batches, self.batches = self.batches, set()
+        for batch_id in batches:
+            self.c.store.finish_batch_if_done(batch_id)
+
+    def drain(self) -> None:
+        wait(self.futures)
+        self.finish_batches()
+
+    def result(self) -> dict[str, int]:
+        if self.errors:
+            raise self.errors[0]  # only DependencyUnavailable gets here: redeliver the whole batch
+        return dict(+self.outcomes)
+
+
+def park_held(c: Container, ids: set[str]) -> int:
+    """A redelivered message another worker still leases comes back once that lease ends,
+    so it is not lost if that worker died."""
+    held = c.store.held_elsewhere(sorted(ids))
+    for row in held:
+        dispatch.publish_later(c, row["tenant_id"], row["queue_id"], row["id"], row["lease_left_s"] + 1.0)
+    return len(held)
