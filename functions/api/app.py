@@ -9,7 +9,7 @@ from typing import Any
 
 from ai_rate_limiter.bootstrap import Container, container
 from ai_rate_limiter.errors import AppError, BadRequest, PayloadTooLarge, UnsupportedMediaType
-from ai_rate_limiter.services import batches, health, messages, providers, queues
+from ai_rate_limiter.services import batches, health, messages, monitoring, providers, queues
 from chalice import Chalice, Response
 from chalice.app import Request
 
@@ -120,6 +120,16 @@ def list_queues() -> Any:
 @route("/queue/{queue_id}", "GET")
 def get_queue(queue_id: str) -> Any:
     return queues.get(c(), tenant(), queue_id)
+
+
+@route("/queue/{queue_id}", "PATCH")
+def update_queue(queue_id: str) -> Any:
+    return queues.update(c(), tenant(), queue_id, body())
+
+
+@route("/workers", "GET")
+def get_workers() -> Any:
+    return monitoring.workers_view(c(), tenant())
 
 
 @route("/queue/{queue_id}", "DELETE")

@@ -94,7 +94,7 @@ def test_the_api_makes_the_worker_mappings_at_run_time() -> None:
     assert env["BROKER_ARN"] == {"Ref": "BrokerArn"}
     assert env["BROKER_SECRET_ARN"] == {"Ref": "BrokerCredentialsSecretArn"}
     shared = template["Globals"]["Function"]["Environment"]["Variables"]
-    assert (shared["WORKER_BATCH_SIZE"], shared["WORKER_BATCHING_WINDOW_S"]) == ("10", "0")
+    assert (shared["WORKER_BATCH_SIZE"], shared["WORKER_BATCHING_WINDOW_S"]) == ("1", "0")
 
     # Exactly the five mapping actions, each as narrow as Lambda's IAM reference allows.
     lambda_statements = [s for s in statements(api) if any(a.startswith("lambda:") for a in actions(s))]

@@ -235,14 +235,19 @@ class Store:
     # -- queues -----------------------------------------------------------------------------
 
     def create_queue(
-        self, tenant: str, queue_id: str, new_providers: Sequence[Row], links: Sequence[Row]
+        self,
+        tenant: str,
+        queue_id: str,
+        new_providers: Sequence[Row],
+        links: Sequence[Row],
+        workers: int = 1,
     ) -> None:
         """One transaction: the queue, its inline providers, and its links (id, weight, position)."""
         with self.db.tx() as cur:
             cur.execute(
-                """INSERT INTO queues (tenant_id, queue_id) VALUES (%s, %s)
+                """INSERT INTO queues (tenant_id, queue_id, workers, shards) VALUES (%s, %s, %s, %s)
                    ON CONFLICT DO NOTHING""",
-                (tenant, queue_id),
+                (tenant, queue_id, workers, workers),
             )
             if cur.rowcount == 0:
                 raise Conflict(f"Queue {queue_id} already exists.")
@@ -293,7 +298,8 @@ class Store:
     def get_queue(self, tenant: str, queue_id: str) -> Row:
         with self.db.tx() as cur:
             cur.execute(
-                "SELECT queue_id, created_at FROM queues WHERE tenant_id = %s AND queue_id = %s",
+                """SELECT queue_id, created_at, workers, shards FROM queues
+                   WHERE tenant_id = %s AND queue_id = %s""",
                 (tenant, queue_id),
             )
             queue = cur.fetchone()
@@ -334,9 +340,33 @@ class Store:
             return sorted({str(r["batch_id"]) for r in cur.fetchall() if r["batch_id"]})
 
     def all_queues(self) -> list[tuple[str, str]]:
+        return [(r["tenant_id"], r["queue_id"]) for r in self.queue_workers()]
+
+    def queue_workers(self, tenant: str | None = None, queue_id: str | None = None) -> list[Row]:
+        """Every queue's (or one's) `workers` and `shards`."""
         with self.db.tx() as cur:
-            cur.execute("SELECT tenant_id, queue_id FROM queues")
-            return [(r["tenant_id"], r["queue_id"]) for r in cur.fetchall()]
+            cur.execute(
+                """SELECT tenant_id, queue_id, workers, shards FROM queues
+                   WHERE (%(t)s::text IS NULL OR tenant_id = %(t)s)
+                     AND (%(q)s::text IS NULL OR queue_id = %(q)s)
+                   ORDER BY created_at""",
+                {"t": tenant, "q": queue_id},
+            )
+            return [dict(r) for r in cur.fetchall()]
+
+    def set_workers(self, tenant: str, queue_id: str, workers: int) -> Row:
+        """Set `workers`; `shards` grows with it and never shrinks. NotFound if no such queue."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE queues SET workers = %s, shards = greatest(shards, %s)
+                   WHERE tenant_id = %s AND queue_id = %s
+                   RETURNING tenant_id, queue_id, workers, shards""",
+                (workers, workers, tenant, queue_id),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"No queue {queue_id}.")
+        return dict(row)
 
     # -- messages ---------------------------------------------------------------------------
 

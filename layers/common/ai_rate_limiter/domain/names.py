@@ -11,7 +11,29 @@ class BrokerNames:
     dead_letter: str
     delay: str
 
+    def shard(self, i: int) -> str:
+        """Shard 0 is the main queue; worker i > 0 of the queue consumes `main.w<i>`."""
+        return self.main if i == 0 else f"{self.main}.w{i}"
+
+    def shards(self, n: int) -> list[str]:
+        return [self.shard(i) for i in range(n)]
+
 
 def broker_names(prefix: str, tenant_id: str, queue_id: str) -> BrokerNames:
     main = f"{prefix}.{tenant_id}.{queue_id}"
     return BrokerNames(main=main, dead_letter=f"{main}.dlq", delay=f"{main}.delay")
+
+
+def parse_shard(prefix: str, name: str) -> tuple[str, str, int] | None:
+    """(tenant_id, queue_id, shard) of a queue's main queue or shard; None for any other name.
+    A queue id has no dots, so the last dot before it ends the tenant."""
+    if not name.startswith(prefix + "."):
+        return None
+    rest, shard = name[len(prefix) + 1 :], 0
+    head, _, tail = rest.rpartition(".")
+    if tail[:1] == "w" and tail[1:].isdigit() and int(tail[1:]) > 0:
+        rest, shard = head, int(tail[1:])
+    tenant, _, queue_id = rest.rpartition(".")
+    if not tenant or not queue_id or tail in ("dlq", "delay"):
+        return None
+    return tenant, queue_id, shard

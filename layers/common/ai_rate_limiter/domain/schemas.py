@@ -106,9 +106,13 @@ QueueProvider = Annotated[
 ]
 
 
+Workers = Annotated[int, Field(ge=1, le=1000)]  # the deployment's MAX_WORKERS caps it further
+
+
 class QueueIn(Strict):
     queue_id: str
     providers: list[QueueProvider] = Field(min_length=1, max_length=20)
+    workers: Workers = 1
 
     @field_validator("queue_id")
     @classmethod
@@ -116,6 +120,10 @@ class QueueIn(Strict):
         if not QUEUE_ID.match(value):
             raise ValueError("letters, digits, '-' and '_', starting with a letter or digit, ≤100")
         return value
+
+
+class QueuePatch(Strict):
+    workers: Workers
 
 
 # Request fields `extra` may not set: the message's own fields (the limiter reserves tokens by

@@ -20,9 +20,12 @@ def message_bodies(tenant: str, ids: Sequence[str]) -> list[bytes]:
     return [f"{head}{mid}{tail}".encode() for mid in ids]
 
 
-def publish(c: Container, tenant: str, queue_id: str, ids: Sequence[str]) -> None:
-    bodies = message_bodies(tenant, ids)
-    c.broker.publish(c.names(tenant, queue_id).main, bodies)
+def publish(c: Container, tenant: str, queue_id: str, ids: Sequence[str], workers: int = 1) -> None:
+    """Spread over the queue's `workers` shards, in turn, so each worker's event source mapping
+    has work to start on and input order is kept within each shard."""
+    names = c.names(tenant, queue_id)
+    for i in range(min(workers, len(ids))):
+        c.broker.publish(names.shard(i), message_bodies(tenant, ids[i::workers]))
 
 
 def publish_later(c: Container, tenant: str, queue_id: str, message_id: str, delay_s: float) -> None:

@@ -107,12 +107,13 @@ def _submit_batch(c: Container, tenant: str, body: dict[str, Any]) -> Row:
 
 def _store_and_publish(c: Container, tenant: str, queue_id: str, batch: Row | None, rows: list[Row]) -> None:
     """Store first, then publish; if publishing fails, the stored rows are removed again."""
-    if not c.store.queue_exists(tenant, queue_id):
+    queue = c.store.queue_workers(tenant, queue_id)
+    if not queue:
         raise NotFound(f"No queue {queue_id}.")
     c.store.insert_messages(tenant, batch, rows)
     ids = [r["id"] for r in rows]
     try:
-        dispatch.publish(c, tenant, queue_id, ids)
+        dispatch.publish(c, tenant, queue_id, ids, queue[0]["workers"])
     except AppError:
         c.store.discard_messages(tenant, batch["id"] if batch else None, ids)
         raise
