@@ -1,9 +1,10 @@
 """The local event-source mapping: consume RabbitMQ, call the worker with the Amazon MQ event.
 
 Like the AWS event source mapping it keeps prefetch = batch size, gathers up to the batch size
-or the batching window, invokes the same `handler(event, context)`, acks the whole batch on
-success and requeues the whole batch on an exception. It follows queues as they are created
-and deleted, and runs the scheduled sweeper.
+or the batching window, invokes the same `handler(event, context)` in an execution environment
+(a process of its own, kept warm), acks the whole batch on success and requeues the whole batch
+on an exception. It runs one mapping per shard in use of each queue (its `workers`), follows
+queues and their `workers` as they change, and runs the scheduled sweeper.
 
     python -m local.bridge [--no-sweeper]
 """
@@ -16,23 +17,20 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import pika
 import pika.exceptions
-from ai_rate_limiter.adapters.rabbitmq import RECOVERABLE, connection_parameters
+from ai_rate_limiter.adapters.rabbitmq import RECOVERABLE, connection_parameters, vhost_of
 from ai_rate_limiter.bootstrap import container
 from ai_rate_limiter.config import Settings
 from ai_rate_limiter.domain.rmq_event import basic_properties, build_event
 
+from local.environments import Environments, InvocationFailed
 from local.functions import load
 
 log = logging.getLogger("bridge")
-Handler = Callable[[dict[str, Any], Any], Any]
 
 
 @dataclass
@@ -47,18 +45,16 @@ class LambdaContext:
         return max(int((self.deadline - time.monotonic()) * 1000), 0)
 
 
-def vhost_of(url: str) -> str:
-    return unquote(urlsplit(url).path.lstrip("/")) or "/"
-
-
 class QueueConsumer(threading.Thread):
-    """One queue's event source mapping: one batch in flight at a time, as in the cloud."""
+    """One broker queue's event source mapping: prefetch = batch size, a batch gathered up to
+    the batch size or the batching window (0: what has already arrived with the first), one
+    invocation at a time, in an execution environment of its own; the batch acked when the
+    handler returns, requeued whole when it raises."""
 
-    def __init__(self, settings: Settings, queue: str, handler: Handler) -> None:
+    def __init__(self, settings: Settings, queue: str, environments: Environments) -> None:
         super().__init__(name=f"consumer:{queue}", daemon=True)
-        self.settings, self.queue, self.handler = settings, queue, handler
+        self.settings, self.queue, self.environments = settings, queue, environments
         self.stopping = threading.Event()
-        self.invoker = ThreadPoolExecutor(1, thread_name_prefix=f"invoke:{queue}")
         self.failures = 0
 
     def stop(self) -> None:
@@ -84,22 +80,26 @@ class QueueConsumer(threading.Thread):
             ch = conn.channel()
             ch.queue_declare(self.queue, passive=True)
             ch.basic_qos(prefetch_count=s.worker_batch_size)
-            batch: list[tuple[Any, Any, bytes]] = []
-            opened = 0.0
-            for method, props, body in ch.consume(self.queue, inactivity_timeout=0.05):
+            pending: list[tuple[Any, Any, bytes]] = []
+            tag = ch.basic_consume(self.queue, lambda _ch, m, p, b: pending.append((m, p, b)))
+            while not self.stopping.is_set():
+                conn.process_data_events(time_limit=0.05)
+                if not pending:
+                    continue
+                opened = time.monotonic()
+                while len(pending) < s.worker_batch_size and not self.stopping.is_set():
+                    left = s.worker_batching_window_s - (time.monotonic() - opened)
+                    if left <= 0:
+                        break
+                    conn.process_data_events(time_limit=min(left, 0.05))
+                conn.process_data_events(time_limit=0)  # what has arrived already
                 if self.stopping.is_set():
                     break
-                if method is not None:
-                    if not batch:
-                        opened = time.monotonic()
-                    batch.append((method, props, body))
-                full = len(batch) >= s.worker_batch_size
-                if batch and (full or time.monotonic() - opened >= s.worker_batching_window_s):
-                    self.invoke(conn, ch, batch)
-                    batch = []
-            if batch:
-                ch.basic_nack(batch[-1][0].delivery_tag, multiple=True, requeue=True)
-            ch.cancel()
+                batch, pending[:] = pending[: s.worker_batch_size], pending[s.worker_batch_size :]
+                self.invoke(conn, ch, batch)
+            ch.basic_cancel(tag)
+            if pending:
+                ch.basic_nack(pending[-1][0].delivery_tag, multiple=True, requeue=True)
         finally:
             if conn.is_open:
                 conn.close()
@@ -132,39 +132,48 @@ class QueueConsumer(threading.Thread):
                 for method, props, body in batch
             ],
         )
-        context = LambdaContext(time.monotonic() + s.worker_timeout_s, aws_request_id=str(uuid.uuid4()))
-        future: Future[Any] = self.invoker.submit(self.handler, event, context)
-        while not future.done():
-            conn.process_data_events(time_limit=0.2)  # keeps heartbeats going
         last = batch[-1][0].delivery_tag
-        if future.exception() is None:
-            ch.basic_ack(last, multiple=True)
-            self.failures = 0
+        try:
+            env = self.environments.take()
+        except InvocationFailed as exc:
+            log.warning("no execution environment for %s: %s", self.queue, exc)
+            ch.basic_nack(last, multiple=True, requeue=True)
             return
-        self.failures += 1
-        log.error(
-            "handler failed on %s (%d messages), requeueing the batch: %r",
-            self.queue,
-            len(batch),
-            future.exception(),
-        )
-        ch.basic_nack(last, multiple=True, requeue=True)
-        self.stopping.wait(min(2.0**self.failures, 30.0))
+        try:
+            deadline = time.monotonic() + s.worker_timeout_s
+            env.invoke(event, deadline, str(uuid.uuid4()), lambda: conn.process_data_events(time_limit=0))
+        except InvocationFailed as exc:
+            self.failures += 1
+            log.error(
+                "handler failed on %s (%d messages), requeueing the batch: %s", self.queue, len(batch), exc
+            )
+            ch.basic_nack(last, multiple=True, requeue=True)
+            self.stopping.wait(min(2.0**self.failures, 30.0))
+            return
+        finally:
+            self.environments.give_back(env)
+        ch.basic_ack(last, multiple=True)
+        self.failures = 0
 
 
 class Bridge:
     def __init__(self, settings: Settings, sweeper: bool = True) -> None:
         self.settings = settings
         self.sweeper = sweeper
-        self.worker: Handler = load("worker", "worker").handler
+        self.environments = Environments()
         self.consumers: dict[str, QueueConsumer] = {}
         self.stopping = threading.Event()
 
     def sync(self) -> None:
+        """One consumer (event source mapping) per shard in use of every queue: `workers`."""
         c = container()
-        wanted = {c.names(t, q).main for t, q in c.store.all_queues()}
-        for name in wanted - set(self.consumers):
-            consumer = QueueConsumer(self.settings, name, self.worker)
+        wanted = {
+            shard
+            for q in c.store.queue_workers()
+            for shard in c.names(q["tenant_id"], q["queue_id"]).shards(q["workers"])
+        }
+        for name in sorted(wanted - set(self.consumers)):
+            consumer = QueueConsumer(self.settings, name, self.environments)
             self.consumers[name] = consumer
             consumer.start()
             log.info("consuming %s", name)
@@ -173,6 +182,7 @@ class Bridge:
             if name not in wanted or not consumer.is_alive():
                 consumer.stop()
                 del self.consumers[name]
+        self.environments.reap()
 
     def sweep_forever(self) -> None:
         handler = load("sweeper", "sweeper").handler
@@ -196,8 +206,9 @@ class Bridge:
             self.stopping.wait(self.settings.queue_poll_s)
         for consumer in self.consumers.values():
             consumer.stop()
+        self.environments.close()
         for consumer in self.consumers.values():
-            consumer.join(timeout=5)
+            consumer.join(timeout=2)
 
 
 def main() -> None:

@@ -17,3 +17,9 @@ def fresh_state(c: Container) -> Container:
         cur.execute(f"TRUNCATE {TABLES}")
     redis.Redis.from_url(c.settings.redis_url).flushdb()
     return c
+
+
+def drop_broker_queues(c: Container) -> None:
+    """Delete every queue's broker queues (all its shards, its delay and dead-letter queues)."""
+    for q in c.store.queue_workers():
+        c.broker.delete(c.names(q["tenant_id"], q["queue_id"]), q["shards"])

@@ -1,6 +1,6 @@
 """Run the whole service in the foreground: fake provider, API, event-source bridge + worker.
 
-    python -m local.up [--workers N]
+    python -m local.up
 
 Checks the services first, creates the database if missing and applies migrations.
 Ctrl-C or SIGTERM stops everything it started.
@@ -66,8 +66,9 @@ def banner(s: Settings, fake: str) -> str:
 AI Rate Limiter is running
   API            {api}   (GET {api}/health)
   fake provider  {fake}   (GET {fake}/_fake/stats)
-  worker         event-source bridge on {s.rabbitmq_url.rsplit("@", 1)[-1]}, batch size
-                 {s.worker_batch_size}, window {s.worker_batching_window_s}s
+  worker         event-source bridge on {s.rabbitmq_url.rsplit("@", 1)[-1]}: one mapping per
+                 queue worker, batch size {s.worker_batch_size}, window {s.worker_batching_window_s}s,
+                 invocations of up to {s.worker_timeout_s:.0f}s
 Try:
   curl -s -X POST {api}/queue/create -H 'Content-Type: application/json' -d '{{"queue_id":
     "demo", "providers": [{{"provider_name": "Fake OpenAI", "provider_type": "openai",
@@ -81,7 +82,6 @@ Ctrl-C stops everything.
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="run the whole service locally")
-    parser.add_argument("--workers", type=int, default=1, help="bridge (worker) processes")
     parser.add_argument("--fake-latency-ms", default=os.environ.get("FAKE_LATENCY_MS", "200"))
     args = parser.parse_args()
     s = Settings.from_env()
@@ -103,7 +103,7 @@ def main() -> int:
         ),
         spawn("local.api_server"),
     ]
-    procs += [spawn("local.bridge", *([] if i == 0 else ["--no-sweeper"])) for i in range(args.workers)]
+    procs.append(spawn("local.bridge"))
     stopping = False
 
     def on_signal(*_: object) -> None:

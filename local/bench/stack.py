@@ -24,7 +24,7 @@ import httpx
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.config import Settings
 
-from local.fresh import fresh_state
+from local.fresh import drop_broker_queues, fresh_state
 from local.up import spawn, stop, wait_ready
 
 LATENCY_MS = 200
@@ -107,7 +107,7 @@ def wait_for(check: Callable[[], bool], timeout: float) -> None:
 
 
 @contextmanager
-def running_stack(workers: int = 2, **overrides: str) -> Iterator[Stack]:
+def running_stack(bridge: bool = True, **overrides: str) -> Iterator[Stack]:
     base = Settings.from_env(
         {
             "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/ai_rate_limiter_bench",
@@ -124,9 +124,6 @@ def running_stack(workers: int = 2, **overrides: str) -> Iterator[Stack]:
         "API_PORT": str(settings.api_port),
         "FAKE_PROVIDER_PORT": str(settings.fake_provider_port),
         "LOG_LEVEL": "ERROR",
-        "WORKER_BATCH_SIZE": "200",
-        "WORKER_BATCHING_WINDOW_S": "0.1",
-        "WORKER_CONCURRENCY": "32",
         **overrides,
     }
     saved = {k: os.environ.get(k) for k in env}
@@ -146,7 +143,8 @@ def running_stack(workers: int = 2, **overrides: str) -> Iterator[Stack]:
         )
         api = spawn("local.api_server")
         procs.append(api)
-        procs += [spawn("local.bridge", *([] if i == 0 else ["--no-sweeper"])) for i in range(workers)]
+        if bridge:
+            procs.append(spawn("local.bridge"))
         url = f"http://127.0.0.1:{settings.api_port}"
         if not wait_ready(f"{url}/health", procs):
             raise RuntimeError("the benchmark stack did not come up")
@@ -159,8 +157,7 @@ def running_stack(workers: int = 2, **overrides: str) -> Iterator[Stack]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        for tenant, queue_id in container.store.all_queues():
-            container.broker.delete(container.names(tenant, queue_id))
+        drop_broker_queues(container)
         container.close()
 
 
@@ -346,9 +343,9 @@ def throughput(stack: Stack, n: int) -> dict[str, Any]:
 def run(quick: bool = False) -> dict[str, Any]:
     scale = 0.3 if quick else 1.0
     results: dict[str, Any] = {}
-    with running_stack(workers=0) as stack:  # the API alone: in the cloud, workers run elsewhere
+    with running_stack(bridge=False) as stack:  # the API alone: in the cloud, workers run elsewhere
         results["ingest"] = ingest(stack)
-    with running_stack(workers=2) as stack:
+    with running_stack() as stack:
         results["throughput"] = throughput(stack, int(3000 * scale))
         results["utilization"] = {
             # 30 requests (1,000 tokens) a second over 30 s windows, 1.5 windows' worth and more

@@ -19,7 +19,7 @@ import pytest
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.config import Settings
 
-from local.fresh import fresh_state
+from local.fresh import drop_broker_queues, fresh_state
 from tests.conftest import base_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,10 +84,10 @@ def stack(services: None) -> Iterator[Stack]:
     )
     c = fresh_state(Container(settings))
     log = Path(tempfile.mkstemp(prefix="airl-e2e-", suffix=".log")[1])
-    env = stack_env(settings, WORKER_BATCH_SIZE="50", WORKER_BATCHING_WINDOW_S="0.2")
+    env = stack_env(settings)
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "local.up", "--workers", "2"],
+            [sys.executable, "-m", "local.up"],
             cwd=ROOT,
             env=env,
             stdout=out,
@@ -106,8 +106,7 @@ def stack(services: None) -> Iterator[Stack]:
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-        for tenant, queue_id in c.store.all_queues():
-            c.broker.delete(c.names(tenant, queue_id))
+        drop_broker_queues(c)
         c.close()
         print(log.read_text()[-3000:])
         assert code == 0, f"local.up exited {code} on SIGTERM"
