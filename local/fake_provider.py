@@ -1,32 +1,49 @@
 """A fake LLM provider that speaks OpenAI, Azure OpenAI, DeepSeek and Anthropic well enough for
 their official SDKs, with realistic latency and usage, and a hard rate limit per API key that
-it enforces with real 429s.
+it enforces with real 429s. It runs on one asyncio loop (`local/fake_http.py`), so thousands of
+requests can wait on their answers at once without slowing each other down.
 
     python -m local.fake_provider --port 8600 --latency-ms 200 --limit 100 --window 2
+    python -m local.fake_provider --latency-ms 3000 --latency-dist lognormal --sigma 1.0
+
+Latency: "uniform" is latency_ms +/- jitter_ms; "lognormal" has median latency_ms and shape
+sigma (1.0: p99 about 10 x the median), capped at max_latency_ms. Each answer leaves its latency
+after the request's arrival (its headers and body read), when its limits were checked.
 
 Control endpoints (JSON):
-    GET  /_fake/stats              requests, 429s and the most requests seen in any window, per key
-    POST /_fake/config             {"latency_ms", "jitter_ms", "error_rate", "limit", "window",
-                                    "keys": {"<api key>": {"limit": n, "window": s}}}
-    POST /_fake/reset              clear stats and per-key limits
+    GET  /_fake/stats              requests, 429s, the most requests seen in any window, the most
+                                   in flight, and the p50/p99 of the latencies chosen, per key
+    POST /_fake/config             {"latency_ms", "jitter_ms", "latency_dist", "sigma",
+                                    "max_latency_ms", "error_rate", "limit", "window",
+                                    "keys": {"<api key>": {"limit": n, "window": s, "token_limit": n,
+                                    "quota_exhausted": bool, "latency_ms": ms, "jitter_ms": ms,
+                                    "latency_dist": d, "sigma": x, "max_latency_ms": ms}}}
+    POST /_fake/reset              clear stats and per-key settings
+    GET  /health
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 import random
+import resource
 import signal
 import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from local.fake_http import Request, Response, Server, error_response, json_response
+
+DISTRIBUTIONS = ("uniform", "lognormal")
+LATENCY_SAMPLE = 10_000  # latencies kept per key for its p50 and p99
 
 
 @dataclass
@@ -55,6 +72,7 @@ class KeyStats:
     recent: deque[float] = field(default_factory=deque)
     seen: deque[float] = field(default_factory=deque)
     admitted: deque[float] = field(default_factory=deque)
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLE))
 
 
 @dataclass(frozen=True)
@@ -74,9 +92,59 @@ class Settings:
     limit: int = 0
     window: float = 1.0
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+    latency_dist: str = "uniform"
+    sigma: float = 1.0
+    max_latency_ms: float = 60_000.0
 
 
-HIDDEN = ("seen", "admitted", "recent", "token_log", "bucket", "bucket_at")
+HIDDEN = ("seen", "admitted", "recent", "token_log", "bucket", "bucket_at", "latencies")
+LATENCY_FIELDS = ("latency_ms", "jitter_ms", "latency_dist", "sigma", "max_latency_ms")
+LIMIT_FIELDS = ("limit", "window", "token_limit")
+CONFIG_FIELDS = ("error_rate", "limit", "window", *LATENCY_FIELDS)
+
+
+def sample_latency_ms(
+    dist: str, latency_ms: float, jitter_ms: float, sigma: float, max_latency_ms: float, rng: random.Random
+) -> float:
+    """One answer's latency: uniform in latency_ms +/- jitter_ms, or lognormal with median
+    latency_ms and shape sigma, capped at max_latency_ms."""
+    if dist == "lognormal":
+        if latency_ms <= 0:
+            return 0.0
+        return min(max_latency_ms, rng.lognormvariate(math.log(latency_ms), sigma))
+    return max(0.0, latency_ms + rng.uniform(-jitter_ms, jitter_ms))
+
+
+def percentile(ordered: list[float], q: float) -> float | None:
+    """The nearest-rank q-quantile of a sorted list."""
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))], 3)
+
+
+def checked_config(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The global fields and the per-key entries of a /_fake/config body, converted to the
+    settings' types; ValueError names the first bad one."""
+    defaults = Settings()
+
+    def convert(name: str, value: Any) -> Any:
+        try:
+            converted = type(getattr(defaults, name))(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: cannot use {value!r}") from None
+        if name == "latency_dist" and converted not in DISTRIBUTIONS:
+            raise ValueError(f"latency_dist: one of {', '.join(DISTRIBUTIONS)}")
+        return converted
+
+    top = {name: convert(name, body[name]) for name in CONFIG_FIELDS if name in body}
+    keys = body.get("keys") or {}
+    if not isinstance(keys, dict) or not all(isinstance(v, dict) for v in keys.values()):
+        raise ValueError('keys: {"<api key>": {...}}')
+    own = {
+        str(k): {f: convert(f, x) if f in LATENCY_FIELDS else x for f, x in v.items()}
+        for k, v in keys.items()
+    }
+    return top, own
 
 
 class State:
@@ -84,11 +152,13 @@ class State:
         self.lock = threading.Lock()
         self.settings = settings
         self.stats: dict[str, KeyStats] = {}
+        self.rng = random.Random()
 
     def limit_for(self, key: str) -> tuple[int, float, int]:
-        """(requests, window, tokens) allowed for this key; 0 means no limit."""
+        """(requests, window, tokens) allowed for this key; 0 means no limit. A key's own entry
+        replaces the global limit when it names any of limit, window or token_limit."""
         own = self.settings.keys.get(key)
-        if own is not None:
+        if own is not None and any(f in own for f in LIMIT_FIELDS):
             return (
                 int(own.get("limit", 0) or 0),
                 float(own.get("window", 1.0)),
@@ -96,9 +166,10 @@ class State:
             )
         return self.settings.limit, self.settings.window, 0
 
-    def admit(self, key: str, tokens: int) -> Verdict:
-        """Count the arrival against a sliding window of requests and a bucket of tokens."""
-        now = time.monotonic()
+    def admit(self, key: str, tokens: int, now: float | None = None) -> Verdict:
+        """Count the arrival (time.monotonic() at `now`) against a sliding window of requests
+        and a bucket of tokens."""
+        now = time.monotonic() if now is None else now
         with self.lock:
             limit, window, token_limit = self.limit_for(key)
             st = self.stats.setdefault(key, KeyStats(limit=limit, window=window))
@@ -144,6 +215,17 @@ class State:
             reset = st.admitted[0] + window - now if limit else 0.0
             return Verdict(True, "requests", reset, remaining, limit)
 
+    def latency_ms(self, key: str) -> float:
+        """Choose an admitted request's latency from the key's own settings or the global ones."""
+        with self.lock:
+            own = self.settings.keys.get(key) or {}
+            p = {name: own.get(name, getattr(self.settings, name)) for name in LATENCY_FIELDS}
+            ms = sample_latency_ms(
+                p["latency_dist"], p["latency_ms"], p["jitter_ms"], p["sigma"], p["max_latency_ms"], self.rng
+            )
+            self.stats[key].latencies.append(ms)
+        return ms
+
     def flight(self, key: str, step: int) -> None:
         with self.lock:
             st = self.stats[key]
@@ -160,7 +242,13 @@ class State:
 
     def snapshot(self) -> dict[str, Any]:
         with self.lock:
-            keys = {k: {f: v for f, v in asdict(s).items() if f not in HIDDEN} for k, s in self.stats.items()}
+            keys: dict[str, dict[str, Any]] = {}
+            for k, s in self.stats.items():
+                row = {f.name: getattr(s, f.name) for f in fields(s) if f.name not in HIDDEN}
+                ordered = sorted(s.latencies)
+                row["latency_ms_p50"] = percentile(ordered, 0.50)
+                row["latency_ms_p99"] = percentile(ordered, 0.99)
+                keys[k] = row
             config = asdict(self.settings)
         total = {
             f: sum(k[f] for k in keys.values())
@@ -234,110 +322,95 @@ def anthropic_message(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "FakeProvider/1.0"
-    disable_nagle_algorithm = True  # headers and body go out as separate writes
-    state: State
+def not_found(path: str) -> Response:
+    return json_response(404, {"error": {"message": f"unknown path {path}", "type": "invalid_request_error"}})
 
-    def log_message(self, format: str, *args: Any) -> None:
-        return
 
-    def send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
+def error(
+    dialect: str, status: int, kind: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    if dialect == "anthropic":
+        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        body = {
+            "error": {
+                "message": message,
+                "type": kind,
+                "param": None,
+                "code": "rate_limit_exceeded" if kind == "requests" else kind,
+            }
+        }
+    return json_response(status, body, headers)
 
-    def read_json(self) -> Any:
-        length = int(self.headers.get("content-length") or 0)
-        raw = self.rfile.read(length) if length else b""
-        return json.loads(raw or b"{}")
 
-    def do_GET(self) -> None:
-        if urlsplit(self.path).path == "/_fake/stats":
-            self.send_json(200, self.state.snapshot())
-        elif urlsplit(self.path).path == "/health":
-            self.send_json(200, {"status": "ok"})
-        else:
-            self.send_json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+class App:
+    """The fake provider's routes: one coroutine per request, on the server's loop."""
 
-    def do_POST(self) -> None:
-        url = urlsplit(self.path)
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    async def __call__(self, req: Request) -> Response:
+        url = urlsplit(req.target)
+        if req.method == "GET":
+            if url.path == "/_fake/stats":
+                return json_response(200, self.state.snapshot())
+            if url.path == "/health":
+                return json_response(200, {"status": "ok"})
+            return json_response(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+        if req.method != "POST":
+            return error_response(501, f"unsupported method {req.method}")
         try:
-            body = self.read_json()
+            body = json.loads(req.body or b"{}")
         except ValueError:
-            self.send_json(400, {"error": {"message": "invalid JSON body", "type": "invalid_request_error"}})
-            return
+            return error_response(400, "invalid JSON body")
+        if not isinstance(body, dict):
+            return error_response(400, "the body must be a JSON object")
         path = url.path
-        bearer = (self.headers.get("authorization") or "").removeprefix("Bearer ").strip()
+        headers = req.headers
+        bearer = headers.get("authorization", "").removeprefix("Bearer ").strip()
         if path == "/_fake/config":
-            self.configure(body)
-        elif path == "/_fake/reset":
+            return self.configure(body)
+        if path == "/_fake/reset":
             with self.state.lock:
                 self.state.stats.clear()
                 self.state.settings.keys.clear()
-            self.send_json(200, {"reset": True})
-        elif path in ("/v1/chat/completions", "/chat/completions"):
-            self.chat("openai", bearer, body, str(body.get("model", "gpt-4o-mini")))
-        elif path.startswith("/openai/deployments/") and path.endswith("/chat/completions"):
+            return json_response(200, {"reset": True})
+        if path in ("/v1/chat/completions", "/chat/completions"):
+            return await self.chat(req, "openai", bearer, body, str(body.get("model", "gpt-4o-mini")))
+        if path.startswith("/openai/deployments/") and path.endswith("/chat/completions"):
             if "api-version" not in parse_qs(url.query):
-                self.send_json(404, {"error": {"code": "404", "message": "Resource not found"}})
-                return
+                return json_response(404, {"error": {"code": "404", "message": "Resource not found"}})
             deployment = path.split("/")[3]
-            self.chat("openai", self.headers.get("api-key") or bearer, body, deployment)
-        elif path == "/v1/messages":
-            self.chat("anthropic", self.headers.get("x-api-key") or bearer, body, "")
-        else:
-            self.send_json(
-                404, {"error": {"message": f"unknown path {path}", "type": "invalid_request_error"}}
-            )
+            return await self.chat(req, "openai", headers.get("api-key") or bearer, body, deployment)
+        if path == "/v1/messages":
+            return await self.chat(req, "anthropic", headers.get("x-api-key") or bearer, body, "")
+        return not_found(path)
 
-    def configure(self, body: dict[str, Any]) -> None:
+    def configure(self, body: dict[str, Any]) -> Response:
+        try:
+            top, keys = checked_config(body)
+        except ValueError as e:
+            return error_response(400, str(e))
         with self.state.lock:
             s = self.state.settings
-            for name in ("latency_ms", "jitter_ms", "error_rate", "limit", "window"):
-                if name in body:
-                    setattr(s, name, type(getattr(s, name))(body[name]))
-            s.keys.update(body.get("keys") or {})
+            for name, value in top.items():
+                setattr(s, name, value)
+            s.keys.update(keys)
             current = asdict(s)
-        self.send_json(200, current)
+        return json_response(200, current)
 
-    def error(
-        self, dialect: str, status: int, kind: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        if dialect == "anthropic":
-            body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
-        else:
-            body = {
-                "error": {
-                    "message": message,
-                    "type": kind,
-                    "param": None,
-                    "code": "rate_limit_exceeded" if kind == "requests" else kind,
-                }
-            }
-        self.send_json(status, body, headers)
-
-    def chat(self, dialect: str, key: str, body: dict[str, Any], model: str) -> None:
+    async def chat(self, req: Request, dialect: str, key: str, body: dict[str, Any], model: str) -> Response:
         if not key:
-            self.error(dialect, 401, "authentication_error", "No API key provided.")
-            return
+            return error(dialect, 401, "authentication_error", "No API key provided.")
         if not body.get("messages"):
-            self.error(dialect, 400, "invalid_request_error", "messages: field required")
-            return
+            return error(dialect, 400, "invalid_request_error", "messages: field required")
         if self.state.settings.keys.get(key, {}).get("quota_exhausted"):
-            self.error(
+            return error(
                 dialect,
                 429,
                 "insufficient_quota",
                 "You exceeded your current quota, please check your plan and billing details.",
             )
-            return
         out = anthropic_message(body) if dialect == "anthropic" else openai_completion(body, model)
         used = out["usage"]
         if dialect == "anthropic":  # the tokens actually used
@@ -345,7 +418,7 @@ class Handler(BaseHTTPRequestHandler):
         else:  # as OpenAI counts: the prompt plus max_tokens, whatever the answer's length
             ceiling = body.get("max_tokens") or body.get("max_completion_tokens") or 0
             cost = used["prompt_tokens"] + max(int(ceiling), used["completion_tokens"])
-        v = self.state.admit(key, cost)
+        v = self.state.admit(key, cost, now=req.arrived)
         reset = datetime.now(UTC) + timedelta(seconds=v.retry_s)
         kind = v.kind
         if dialect == "anthropic":
@@ -364,37 +437,39 @@ class Handler(BaseHTTPRequestHandler):
             headers["retry-after"] = str(max(1, math.ceil(v.retry_s)))
             headers["retry-after-ms"] = str(max(1, math.ceil(v.retry_s * 1000)))
             error_kind = "rate_limit_error" if dialect == "anthropic" else kind
-            self.error(dialect, 429, error_kind, f"Rate limit reached: {v.limit} {kind} per window.", headers)
-            return
-        s = self.state.settings
-        delay = max(0.0, s.latency_ms + random.uniform(-s.jitter_ms, s.jitter_ms)) / 1000
+            message = f"Rate limit reached: {v.limit} {kind} per window."
+            return error(dialect, 429, error_kind, message, headers)
+        due = req.arrived + self.state.latency_ms(key) / 1000
         self.state.flight(key, +1)
         try:
-            time.sleep(delay)
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
         finally:
             self.state.flight(key, -1)
-        if s.error_rate and random.random() < s.error_rate:
+        s = self.state.settings
+        if s.error_rate and self.state.rng.random() < s.error_rate:
             self.state.record(key, ok=False)
-            self.error(
+            return error(
                 dialect,
                 500,
                 "api_error" if dialect == "anthropic" else "server_error",
                 "The server had an error while processing your request.",
             )
-            return
         self.state.record(key, ok=True)
         headers["x-request-id"] = f"req_{uuid.uuid4().hex[:16]}"
-        self.send_json(200, out, headers)
-
-
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 512
+        return json_response(200, out, headers)
 
 
 def serve(host: str, port: int, settings: Settings) -> Server:
-    handler = type("BoundHandler", (Handler,), {"state": State(settings)})
-    return Server((host, port), handler)
+    """A bound server (port 0 picks a free one); run serve_forever() in a thread or in main."""
+    return Server((host, port), App(State(settings)))
+
+
+def raise_open_files_limit() -> None:
+    """Let the process hold as many sockets as its hard limit allows (the soft one is often 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 16
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def main() -> None:
@@ -403,11 +478,25 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8600)
     parser.add_argument("--latency-ms", type=float, default=200.0)
     parser.add_argument("--jitter-ms", type=float, default=50.0)
+    parser.add_argument("--latency-dist", choices=DISTRIBUTIONS, default="uniform")
+    parser.add_argument("--sigma", type=float, default=1.0, help="lognormal shape")
+    parser.add_argument("--max-latency-ms", type=float, default=60_000.0, help="lognormal cap")
     parser.add_argument("--error-rate", type=float, default=0.0)
     parser.add_argument("--limit", type=int, default=0, help="requests per window, 0 = none")
     parser.add_argument("--window", type=float, default=1.0)
     a = parser.parse_args()
-    server = serve(a.host, a.port, Settings(a.latency_ms, a.jitter_ms, a.error_rate, a.limit, a.window))
+    raise_open_files_limit()
+    settings = Settings(
+        a.latency_ms,
+        a.jitter_ms,
+        a.error_rate,
+        a.limit,
+        a.window,
+        latency_dist=a.latency_dist,
+        sigma=a.sigma,
+        max_latency_ms=a.max_latency_ms,
+    )
+    server = serve(a.host, a.port, settings)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"fake provider on http://{a.host}:{a.port}", flush=True)
     try:
