@@ -71,8 +71,10 @@ class Container:
 
     @cached_property
     def providers(self) -> ProviderGateway:
-        http = sdk_http_client(self.settings.provider_timeout_s, self.settings.worker_concurrency)
-        return ProviderGateway(http, self.settings.provider_timeout_s)
+        timeout = self.settings.provider_timeout_s
+        return ProviderGateway(
+            lambda n: sdk_http_client(timeout, n), timeout, max_connections=self.settings.worker_concurrency
+        )
 
     @cached_property
     def webhooks(self) -> WebhookSender:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -60,29 +63,60 @@ def classify(exc: Exception, provider: Provider) -> ProviderError:
     return ProviderRejected(message)
 
 
-class ProviderGateway:
-    """Builds one SDK client per provider version and calls it; thread-safe."""
+CONNECTIONS_PER_POOL = 50
 
-    def __init__(self, http: httpx2.Client, timeout_s: float) -> None:
-        self.http = http
+
+class ProviderGateway:
+    """Builds SDK clients per provider version and calls them; thread-safe.
+
+    The HTTP connection pool does work in proportion to its connections on every request, so
+    instead of one pool of `max_connections` there are pools of CONNECTIONS_PER_POOL, each
+    thread keeping to one of them (`make_http(n)` makes a client of n connections)."""
+
+    def __init__(
+        self, make_http: Callable[[int], httpx2.Client], timeout_s: float, max_connections: int = 100
+    ) -> None:
+        self.make_http = make_http
         self.timeout_s = timeout_s
-        self._clients: dict[tuple[str, str], Any] = {}
+        self.pools = max(1, math.ceil(max_connections / CONNECTIONS_PER_POOL))
+        self.per_pool = math.ceil(max_connections / self.pools)
+        self._http: dict[int, httpx2.Client] = {}
+        self._clients: dict[tuple[str, str, int], Any] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()
+        self._next = itertools.count()
+
+    def _pool(self) -> int:
+        pool: int | None = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = self._local.pool = next(self._next) % self.pools
+        return pool
 
     def _client(self, p: Provider) -> Any:
-        key = (p.id, p.version)
-        with self._lock:
-            client = self._clients.get(key)
-            if client is None:
-                client = self._clients[key] = self._build(p)
+        """Built outside the lock (a thread building one must not hold up the others' calls);
+        of two built at once, the first stored is kept."""
+        pool = self._pool()
+        key = (p.id, p.version, pool)
+        client = self._clients.get(key)
+        if client is not None:
             return client
+        http = self._http.get(pool)
+        if http is None:
+            made = self.make_http(self.per_pool)
+            with self._lock:
+                http = self._http.setdefault(pool, made)
+            if http is not made:
+                made.close()
+        built = self._build(p, http)
+        with self._lock:
+            return self._clients.setdefault(key, built)
 
-    def _build(self, p: Provider) -> Any:
+    def _build(self, p: Provider, http: httpx2.Client) -> Any:
         common: dict[str, Any] = {
             "api_key": p.api_key,
             "max_retries": 0,
             "timeout": self.timeout_s,
-            "http_client": self.http,
+            "http_client": http,
         }
         if p.type is ProviderType.ANTHROPIC:
             return anthropic.Anthropic(base_url=p.endpoint, **common)
