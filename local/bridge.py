@@ -97,8 +97,9 @@ class QueueConsumer(threading.Thread):
                     break
                 batch, pending[:] = pending[: s.worker_batch_size], pending[s.worker_batch_size :]
                 self.invoke(conn, ch, batch)
-            ch.basic_cancel(tag)
-            if pending:
+            if ch.is_open:
+                ch.basic_cancel(tag)
+            if pending and ch.is_open:
                 ch.basic_nack(pending[-1][0].delivery_tag, multiple=True, requeue=True)
         finally:
             if conn.is_open:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from ai_rate_limiter import bootstrap
 from ai_rate_limiter.bootstrap import Container
-from ai_rate_limiter.errors import DependencyUnavailable, LimiterUnavailable
 from ai_rate_limiter.domain import decisions
+from ai_rate_limiter.errors import DependencyUnavailable, LimiterUnavailable
 from ai_rate_limiter.services import invocation, messages
 
 from local.functions import load

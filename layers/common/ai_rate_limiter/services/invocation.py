@@ -29,6 +29,7 @@ from ..bootstrap import Container
 from ..domain.models import ClaimedMessage, Provider
 from ..domain.names import parse_shard
 from ..domain.rmq_event import Delivery, parse_event
+from ..errors import NotFound
 from . import dispatch, monitoring
 from .intake import Intake
 from .processing import SAFETY_S, SHUTTING_DOWN, Deadline, process
@@ -159,7 +160,11 @@ class Invocation:
                     self.intake.wait(min(room, PUMP_S))
                     idle_since = now
                     continue
-                taken = self.read(reader)
+                try:
+                    taken = self.read(reader)
+                except NotFound:
+                    log.info("%s was deleted; the invocation stops reading it", name)
+                    break
                 if taken:
                     idle_since = now
                 elif self.intake.in_flight:

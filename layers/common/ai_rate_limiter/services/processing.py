@@ -227,7 +227,11 @@ def take_provider(
         chosen: int | None = None
         try:
             chosen, slot = take_slot(
-                c, [plan.limits[i] for i in free], budget, [providers[i].weight for i in free]
+                c,
+                [plan.limits[i] for i in free],
+                budget,
+                [providers[i].weight for i in free],
+                lambda i, free=free: ticket.held_back(providers[free[i]].id),  # type: ignore[misc]
             )
             if chosen is not None:
                 ticket.slot(slot.latest, slot.waited_s, providers[free[chosen]].id)
@@ -274,7 +278,11 @@ def react_to_headers(c: Container, provider: Provider, limits: list[Limit], head
 
 
 def take_slot(
-    c: Container, limits: list[list[Limit]], max_wait: Callable[[], float], weights: Sequence[float] = ()
+    c: Container,
+    limits: list[list[Limit]],
+    max_wait: Callable[[], float],
+    weights: Sequence[float] = (),
+    on_late: Callable[[int], None] = lambda index: None,
 ) -> tuple[int | None, Slot]:
     """Reserve the soonest slot and sleep until it: (candidate index, the slot), or (None, how
     long until one could start) when no slot starts in time.
@@ -305,6 +313,7 @@ def take_slot(
         if late <= c.settings.limiter_late_s:
             break
         log.debug("%.1f ms after the slot; taking a fresh one", late * 1e3)
+        on_late(reservation.index)
         c.limiter.refund(slot.limits, slot.slot_us)
     return reservation.index, slot
 
