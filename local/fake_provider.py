@@ -11,6 +11,7 @@ sigma (1.0: p99 about 10 x the median), capped at max_latency_ms. Each answer le
 after the request's arrival (its headers and body read), when its limits were checked.
 
 Control endpoints (JSON):
+    GET  /_fake/arrivals?key=K     wall-clock times of the key's admitted requests (the last 200,000)
     GET  /_fake/stats              requests, 429s, the most requests seen in any window, the most
                                    in flight, and the p50/p99 of the latencies chosen, per key
     POST /_fake/config             {"latency_ms", "jitter_ms", "latency_dist", "sigma",
@@ -26,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import os
 import random
 import resource
 import signal
@@ -44,6 +47,7 @@ from local.fake_http import Request, Response, Server, error_response, json_resp
 
 DISTRIBUTIONS = ("uniform", "lognormal")
 LATENCY_SAMPLE = 10_000  # latencies kept per key for its p50 and p99
+ARRIVALS_KEPT = 200_000
 
 
 @dataclass
@@ -73,6 +77,7 @@ class KeyStats:
     seen: deque[float] = field(default_factory=deque)
     admitted: deque[float] = field(default_factory=deque)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_SAMPLE))
+    arrivals: deque[float] = field(default_factory=lambda: deque(maxlen=ARRIVALS_KEPT))  # admitted, wall
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ class Settings:
     max_latency_ms: float = 60_000.0
 
 
-HIDDEN = ("seen", "admitted", "recent", "token_log", "bucket", "bucket_at", "latencies")
+HIDDEN = ("seen", "admitted", "recent", "token_log", "bucket", "bucket_at", "latencies", "arrivals")
 LATENCY_FIELDS = ("latency_ms", "jitter_ms", "latency_dist", "sigma", "max_latency_ms")
 LIMIT_FIELDS = ("limit", "window", "token_limit")
 CONFIG_FIELDS = ("error_rate", "limit", "window", *LATENCY_FIELDS)
@@ -209,8 +214,9 @@ class State:
                 st.tokens += tokens
                 st.max_tokens_in_window = max(st.max_tokens_in_window, sum(n for _, n in st.token_log))
             st.admitted.append(now)
-            st.first_at = st.first_at or time.time()
             st.last_at = time.time()
+            st.first_at = st.first_at or st.last_at
+            st.arrivals.append(st.last_at)
             remaining = limit - len(st.admitted) if limit else 1_000_000
             reset = st.admitted[0] + window - now if limit else 0.0
             return Verdict(True, "requests", reset, remaining, limit)
@@ -354,6 +360,12 @@ class App:
         if req.method == "GET":
             if url.path == "/_fake/stats":
                 return json_response(200, self.state.snapshot())
+            if url.path == "/_fake/arrivals":
+                key = (parse_qs(url.query).get("key") or [""])[0]
+                with self.state.lock:
+                    st = self.state.stats.get(key)
+                    arrivals = list(st.arrivals) if st else []
+                return json_response(200, {"key": key, "arrivals": arrivals})
             if url.path == "/health":
                 return json_response(200, {"status": "ok"})
             return json_response(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
@@ -486,6 +498,11 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=1.0)
     a = parser.parse_args()
     raise_open_files_limit()
+    with contextlib.suppress(OSError):
+        # It stands for a provider on servers of its own: where allowed (as root), it goes
+        # before the stack it serves on this machine's cores, so that its arrival times (the
+        # ones its limits are held to) are not late by the time the workers take from it.
+        os.nice(-10)
     settings = Settings(
         a.latency_ms,
         a.jitter_ms,
