@@ -37,17 +37,29 @@ class Intake:
         self.in_flight = 0
         self.unslotted = 0
         self.horizon = -math.inf  # the latest slot reserved, on the monotonic clock
+        self.gap = 0.0  # how far the last slot that moved the horizon moved it
+        self.slots = 0
         self.completed = 0
         self.figures: dict[str, ProviderFigures] = {}
         self._cond = threading.Condition()
 
-    def room_in(self, now: float | None = None) -> float:
-        """Seconds until another message may be taken: 0 now; inf until one finishes."""
+    def room_in(self, now: float | None = None, taking: int = 0) -> float:
+        """Seconds until another message may be taken (besides `taking` about to be): 0 now;
+        inf until one finishes or reserves its slot. Fewer may wait for their first slot the
+        further apart the slots are: one, once they are `lookahead_s` apart."""
         now = time.monotonic() if now is None else now
         with self._cond:
-            if self.in_flight >= self.max_in_flight or self.unslotted >= self.max_unslotted:
+            unslotted = self.unslotted + taking
+            # Until two slots tell how far apart they are, one at a time.
+            spread = self.lookahead_s / self.gap if self.gap > 0 else (math.inf if self.slots >= 2 else 1)
+            if self.in_flight + taking >= self.max_in_flight or unslotted >= min(self.max_unslotted, spread):
                 return math.inf
             return max(0.0, self.horizon - self.lookahead_s - now)
+
+    def next_slot_after(self, at: float) -> bool:
+        """Whether the next slot may start after `at`: the latest one plus the last gap."""
+        with self._cond:
+            return self.horizon + self.gap >= at
 
     def wait(self, timeout_s: float) -> None:
         """Sleep up to `timeout_s`, waking early when a message reserves its slot or finishes."""
@@ -95,7 +107,11 @@ class Ticket:
             if not self.slotted:
                 self.slotted = True
                 intake.unslotted -= 1
-            intake.horizon = max(intake.horizon, at)
+            intake.slots += 1
+            if at > intake.horizon:
+                if intake.horizon > -math.inf:
+                    intake.gap = at - intake.horizon
+                intake.horizon = at
             intake._figures(provider_id).waits_s.append(waited_s)
             intake._cond.notify_all()
 

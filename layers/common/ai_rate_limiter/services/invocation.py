@@ -26,6 +26,7 @@ from typing import Any
 from ..adapters.postgres import provider_from_row
 from ..adapters.rabbitmq import QueueReader
 from ..bootstrap import Container
+from ..domain.limits import Headroom, provider_limits
 from ..domain.models import ClaimedMessage, Provider
 from ..domain.names import parse_shard
 from ..domain.rmq_event import Delivery, parse_event
@@ -108,12 +109,26 @@ class Invocation:
         for m in claimed:
             self.start(m, None if tags is None else tags[m.id])
 
-    def start(self, m: ClaimedMessage, tag: int | None) -> None:
-        key = (m.tenant_id, m.queue_id)
+    def providers_of(self, tenant: str, queue_id: str) -> list[Provider]:
+        key = (tenant, queue_id)
         providers = self.providers.get(key)
         if providers is None:
             rows = self.c.store.queue_providers(*key)
             providers = self.providers[key] = [provider_from_row(r, w) for r, w in rows]
+        return providers
+
+    def next_slot_in(self, tenant: str, queue_id: str) -> float:
+        """Seconds until the queue's soonest provider has a slot (nothing is reserved)."""
+        s = self.c.settings
+        headroom = Headroom(s.limiter_guard_s, s.limiter_margin)
+        usable = [p for p in self.providers_of(tenant, queue_id) if p.status == "active"]
+        if not usable:
+            return 0.0
+        return self.c.limiter.reserve([provider_limits(p, headroom) for p in usable], -1.0).wait_s
+
+    def start(self, m: ClaimedMessage, tag: int | None) -> None:
+        key = (m.tenant_id, m.queue_id)
+        providers = self.providers_of(*key)
         ticket = self.intake.ticket()
 
         def run() -> None:
@@ -156,6 +171,14 @@ class Invocation:
                 if now >= self.stop_at or SHUTTING_DOWN.is_set():
                     break
                 room = self.intake.room_in(now)
+                if (
+                    room == 0
+                    and self.intake.next_slot_after(self.stop_at)
+                    and now + self.next_slot_in(tenant, queue_id) >= self.stop_at
+                ):
+                    # Near the end, only what can still start in time: the rest waits in the
+                    # broker for the next invocation instead of being taken and parked.
+                    room = PUMP_S
                 if room > 0:
                     self.intake.wait(min(room, PUMP_S))
                     idle_since = now
@@ -184,7 +207,7 @@ class Invocation:
     def read(self, reader: QueueReader) -> int:
         """Take what is waiting, up to MAX_TAKE while the intake has room; how many."""
         tags: dict[str, int] = {}
-        while len(tags) < MAX_TAKE and (not tags or self.intake.room_in() == 0):
+        while len(tags) < MAX_TAKE and (not tags or self.intake.room_in(taking=len(tags)) == 0):
             got = reader.get()
             if got is None:
                 break
