@@ -218,7 +218,7 @@ def main() -> None:
     args = parser.parse_args()
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s bridge %(levelname)s %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    logging.getLogger("pika").setLevel(logging.ERROR)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     bridge = Bridge(settings, sweeper=not args.no_sweeper)
     for sig in (signal.SIGTERM, signal.SIGINT):

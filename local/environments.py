@@ -41,7 +41,7 @@ def _serve(conn: multiprocessing.connection.Connection, function: str, module: s
 
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format=f"%(asctime)s {function} %(levelname)s %(message)s")
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    logging.getLogger("pika").setLevel(logging.ERROR)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, lambda *_: SHUTTING_DOWN.set())
     handler = load(function, module).handler

@@ -8,7 +8,8 @@ requests can wait on their answers at once without slowing each other down.
 
 Latency: "uniform" is latency_ms +/- jitter_ms; "lognormal" has median latency_ms and shape
 sigma (1.0: p99 about 10 x the median), capped at max_latency_ms. Each answer leaves its latency
-after the request's arrival (its headers and body read), when its limits were checked.
+after the request's arrival (its headers and body read), when its limits were checked. A
+request may ask for its own answer time: "metadata": {"fake_latency_ms": "3000"} in its body.
 
 Control endpoints (JSON):
     GET  /_fake/arrivals?key=K     wall-clock times of the key's admitted requests (the last 200,000)
@@ -349,6 +350,19 @@ def error(
     return json_response(status, body, headers)
 
 
+def requested_latency_ms(body: dict[str, Any]) -> float | None:
+    """A request may ask for its own answer time: `"metadata": {"fake_latency_ms": "3000"}`
+    (OpenAI's `metadata` takes string values; Anthropic's carries only `user_id`, so there it
+    is read the same way, for tests)."""
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict):
+        try:
+            return float(metadata["fake_latency_ms"])
+        except (KeyError, TypeError, ValueError):
+            return None
+    return None
+
+
 class App:
     """The fake provider's routes: one coroutine per request, on the server's loop."""
 
@@ -451,7 +465,7 @@ class App:
             error_kind = "rate_limit_error" if dialect == "anthropic" else kind
             message = f"Rate limit reached: {v.limit} {kind} per window."
             return error(dialect, 429, error_kind, message, headers)
-        due = req.arrived + self.state.latency_ms(key) / 1000
+        due = req.arrived + (requested_latency_ms(body) or self.state.latency_ms(key)) / 1000
         self.state.flight(key, +1)
         try:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
