@@ -1,7 +1,7 @@
 """`make bench`: the limiter against `limits`, then utilization, throughput and ingest through
 the running stack. Prints a table and writes bench-results.json at the repository root.
 
-    python -m local.bench [--quick]
+    python -m local.bench [--quick] [--only=flow]
 """
 
 from __future__ import annotations
@@ -39,6 +39,31 @@ def table(title: str, rows: dict[str, dict[str, Any]], columns: list[str]) -> st
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in body)])
 
 
+FLOW_COLUMNS = [
+    "n",
+    "limit",
+    "window_s",
+    "utilization",
+    "provider_429s",
+    "provider_max_in_window",
+    "provider_max_in_flight",
+    "delay_p50_ms",
+    "delay_p99_ms",
+    "delay_max_ms",
+    "messages_per_s",
+    "speedup",
+]
+
+
+def flow_rows(flow: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    rows = {name: row for name, row in flow.items() if name != "workers"}
+    rows.update({f"workers_{w}": row for w, row in flow["workers"].items()})
+    return {
+        name: {**row, **{f"delay_{q}_ms": row["arrival_delay_ms"][q] for q in ("p50", "p99", "max")}}
+        for name, row in rows.items()
+    }
+
+
 def report(results: dict[str, Any]) -> str:
     lim = results["limiter"]
     parts = [
@@ -71,6 +96,11 @@ def report(results: dict[str, Any]) -> str:
             ],
         ),
         table(
+            "flow",
+            flow_rows(results["flow"]),
+            FLOW_COLUMNS,
+        ),
+        table(
             "throughput",
             {"end to end": results["throughput"]},
             ["n", "messages_per_s", "ceiling_per_s", "ratio"],
@@ -82,6 +112,7 @@ def report(results: dict[str, Any]) -> str:
 
 def main() -> int:
     quick = "--quick" in sys.argv
+    only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")), "")
     results: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -89,8 +120,12 @@ def main() -> int:
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "quick": quick,
         },
-        "limiter": limiter.run(quick=quick),
     }
+    if only == "flow":  # one section, printed and not written
+        results.update(stack.run(quick=quick, only="flow"))
+        print(table("flow", flow_rows(results["flow"]), FLOW_COLUMNS))
+        return 0
+    results["limiter"] = limiter.run(quick=quick)
     results.update(stack.run(quick=quick))
     (ROOT / "bench-results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(report(results))

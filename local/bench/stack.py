@@ -340,12 +340,20 @@ def throughput(stack: Stack, n: int) -> dict[str, Any]:
     }
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, only: str = "") -> dict[str, Any]:
+    """Every section, or `only` the one named (`flow`, `utilization`, `throughput`, `ingest`)."""
+    from local.bench import flow
+
     scale = 0.3 if quick else 1.0
     results: dict[str, Any] = {}
+    if only == "flow":
+        with running_stack() as stack:
+            results["flow"] = flow.run(stack, scale)
+        return results
     with running_stack(bridge=False) as stack:  # the API alone: in the cloud, workers run elsewhere
         results["ingest"] = ingest(stack)
     with running_stack() as stack:
+        results["flow"] = flow.run(stack, scale)
         results["throughput"] = throughput(stack, int(3000 * scale))
         results["utilization"] = {
             # 30 requests (1,000 tokens) a second over 30 s windows, 1.5 windows' worth and more
