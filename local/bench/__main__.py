@@ -56,7 +56,7 @@ FLOW_COLUMNS = [
 
 
 def flow_rows(flow: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    rows = {name: row for name, row in flow.items() if name != "workers"}
+    rows = {name: row for name, row in flow.items() if name not in ("workers", "quick_start")}
     rows.update({f"workers_{w}": row for w, row in flow["workers"].items()})
     return {
         name: {**row, **{f"delay_{q}_ms": row["arrival_delay_ms"][q] for q in ("p50", "p99", "max")}}

@@ -9,6 +9,7 @@ the last step before its HTTP transport (`GET /workers`).
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -81,6 +82,28 @@ def scenario(
     return row
 
 
+def quick_start(stack: Stack, n: int = 3, latency_ms: int = 300, rounds: int = 5) -> dict[str, Any]:
+    """A few prompts on an idle queue with room under its limit: seconds from submitting them to
+    the batch's completion (the median of `rounds`, each on a new queue), against the answer
+    time alone."""
+    times = []
+    for _ in range(rounds):
+        key = f"sk-bench-{uuid.uuid4().hex}"
+        stack.fake_config(keys={key: {"limit": 100, "window": 1.0, "latency_ms": latency_ms, "jitter_ms": 0}})
+        queue_id = stack.queue(stack.provider("openai", key, 100, 1.0))
+        time.sleep(1.5)  # idle: the bridge has found the queue and nothing runs
+        times.append(stack.run_batch(queue_id, n, timeout=60, poll_s=0.02))
+        stack.http.delete(f"{stack.api}/queue/{queue_id}")
+    median = sorted(times)[len(times) // 2]
+    return {
+        "n": n,
+        "provider_latency_s": latency_ms / 1000,
+        "done_s": round(median, 3),
+        "done_s_runs": [round(t, 3) for t in times],
+        "overhead_s": round(median - latency_ms / 1000, 3),
+    }
+
+
 def run(stack: Stack, scale: float = 1.0) -> dict[str, Any]:
     def size(x: int) -> int:
         return max(int(x * scale), 50)
@@ -111,4 +134,5 @@ def run(stack: Stack, scale: float = 1.0) -> dict[str, Any]:
         row["messages_per_s"] = row["steady_messages_per_s"]
         row["speedup"] = round(row["messages_per_s"] / base, 3) if base and row["messages_per_s"] else None
     results["workers"] = workers
+    results["quick_start"] = quick_start(stack)
     return results

@@ -85,12 +85,12 @@ class Stack:
             **extra,
         }
 
-    def run_batch(self, queue_id: str, n: int, timeout: float) -> float:
+    def run_batch(self, queue_id: str, n: int, timeout: float, poll_s: float = 0.25) -> float:
         """Submit n prompts as one batch; seconds from submitting until the batch completed."""
         started = time.monotonic()
         prompts = [{"prompt": f"Benchmark prompt {i}: describe the number {i}"} for i in range(n)]
         batch = self.post("/message/create", {"queue_id": queue_id, "messages": prompts}).json()
-        wait_for(lambda: self.get(f"/batch/{batch['batch_id']}")["status"] == "completed", timeout)
+        wait_for(lambda: self.get(f"/batch/{batch['batch_id']}")["status"] == "completed", timeout, poll_s)
         elapsed = time.monotonic() - started
         done = self.get(f"/batch/{batch['batch_id']}")["counts"]
         if done["completed"] != n:
@@ -98,12 +98,12 @@ class Stack:
         return elapsed
 
 
-def wait_for(check: Callable[[], bool], timeout: float) -> None:
+def wait_for(check: Callable[[], bool], timeout: float, poll_s: float = 0.25) -> None:
     end = time.monotonic() + timeout
     while not check():
         if time.monotonic() > end:
             raise TimeoutError(f"gave up after {timeout:.0f}s")
-        time.sleep(0.25)
+        time.sleep(poll_s)
 
 
 @contextmanager

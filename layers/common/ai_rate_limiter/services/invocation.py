@@ -37,7 +37,6 @@ from .processing import SAFETY_S, SHUTTING_DOWN, Deadline, process
 
 log = logging.getLogger(__name__)
 PUMP_S = 0.05  # the longest the reading thread leaves the broker connection and acks waiting
-FINISH_EVERY_S = 0.5  # how often finished batches are marked finished while the invocation runs
 MAX_TAKE = 50  # messages claimed in one query
 
 
@@ -231,8 +230,8 @@ class Invocation:
             except queue.Empty:
                 break
         reader.pump()
+        self.finish_batches()  # one cheap query per batch with news: none pending stops at once
         if final or monitor.due():
-            self.finish_batches()
             monitor.send(self.intake, final=final)
 
     def finish_batches(self) -> None:
