@@ -17,6 +17,7 @@ from .adapters.redis_limiter import RedisLimiter
 from .adapters.webhooks import WebhookSender
 from .config import Settings
 from .domain.names import BrokerNames, broker_names
+from .ports import SystemClock
 
 IDLE_THREADS_S = 300.0  # a queue's threads end after this long without work
 
@@ -75,6 +76,10 @@ class Container:
         return ProviderGateway(
             lambda n: sdk_http_client(timeout, n), timeout, max_connections=self.settings.worker_concurrency
         )
+
+    @cached_property
+    def clock(self) -> SystemClock:
+        return SystemClock()
 
     @cached_property
     def webhooks(self) -> WebhookSender:

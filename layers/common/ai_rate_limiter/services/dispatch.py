@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from ..bootstrap import Container
 from ..domain.models import ClaimedMessage
+from ..ports import WorkerPorts
 
 
 def message_body(tenant: str, message_id: str) -> bytes:
@@ -28,11 +29,11 @@ def publish(c: Container, tenant: str, queue_id: str, ids: Sequence[str], worker
         c.broker.publish(names.shard(i), message_bodies(tenant, ids[i::workers]))
 
 
-def publish_later(c: Container, tenant: str, queue_id: str, message_id: str, delay_s: float) -> None:
+def publish_later(c: WorkerPorts, tenant: str, queue_id: str, message_id: str, delay_s: float) -> None:
     c.broker.publish_delayed(c.names(tenant, queue_id), message_body(tenant, message_id), delay_s)
 
 
-def defer(c: Container, msg: ClaimedMessage, delay_s: float, note: str | None) -> None:
+def defer(c: WorkerPorts, msg: ClaimedMessage, delay_s: float, note: str | None) -> None:
     """Hand a claimed message back to the queue, to be delivered again after `delay_s`."""
     if c.store.release(msg, note):
         publish_later(c, msg.tenant_id, msg.queue_id, msg.id, delay_s)

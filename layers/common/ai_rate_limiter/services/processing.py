@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..adapters.egress import Departure
-from ..bootstrap import Container
 from ..domain import tokens
 from ..domain.decisions import OnError, on_error
 from ..domain.feedback import exhausted
@@ -27,6 +25,7 @@ from ..errors import (
     ProviderError,
     RateLimited,
 )
+from ..ports import SYSTEM_CLOCK, Clock, WorkerPorts
 from . import dispatch
 from .intake import Ticket
 
@@ -43,14 +42,15 @@ SHUTTING_DOWN = threading.Event()
 
 @dataclass(frozen=True)
 class Deadline:
-    at: float
+    at: float  # on `clock`
+    clock: Clock = SYSTEM_CLOCK
 
     @classmethod
-    def after(cls, seconds: float) -> Deadline:
-        return cls(time.monotonic() + seconds)
+    def after(cls, seconds: float, clock: Clock = SYSTEM_CLOCK) -> Deadline:
+        return cls(clock.monotonic() + seconds, clock)
 
     def remaining(self) -> float:
-        return 0.0 if SHUTTING_DOWN.is_set() else self.at - time.monotonic()
+        return 0.0 if SHUTTING_DOWN.is_set() else self.at - self.clock.monotonic()
 
 
 class Deferral(Exception):
@@ -76,7 +76,7 @@ def late_error(late_s: float) -> LateForSlot:
 
 
 def process(
-    c: Container,
+    c: WorkerPorts,
     m: ClaimedMessage,
     providers: list[Provider],
     deadline: Deadline,
@@ -114,7 +114,7 @@ class Plan:
     headroom: Headroom
 
     @classmethod
-    def of(cls, c: Container, m: ClaimedMessage, providers: list[Provider]) -> Plan:
+    def of(cls, c: WorkerPorts, m: ClaimedMessage, providers: list[Provider]) -> Plan:
         headroom = Headroom(c.settings.limiter_guard_s, c.settings.limiter_margin)
         usable = [p for p in providers if p.status == "active"]
         costs = [tokens.estimate(p, m.request) if p.token_limit else 0 for p in usable]
@@ -123,7 +123,7 @@ class Plan:
 
 
 def attempt_until_done(
-    c: Container,
+    c: WorkerPorts,
     m: ClaimedMessage,
     providers: list[Provider],
     deadline: Deadline,
@@ -166,7 +166,7 @@ def attempt_until_done(
                 return outcome
             if decision.avoid_provider:
                 failing.add(index)
-            time.sleep(decision.pause_s)
+            c.clock.sleep(decision.pause_s)
             renewed = c.store.renew(m, deadline.remaining() + 30, decision.counted, decision.error)
             if renewed is None:
                 return "lost"
@@ -181,7 +181,7 @@ def attempt_until_done(
 
 
 def carry_out(
-    c: Container, m: ClaimedMessage, plan: Plan, index: int, decision: OnError, budget: Callable[[], float]
+    c: WorkerPorts, m: ClaimedMessage, plan: Plan, index: int, decision: OnError, budget: Callable[[], float]
 ) -> str | None:
     """Do what `on_error` decided; the message's outcome if it is settled now, None to retry."""
     provider = plan.providers[index]
@@ -210,11 +210,11 @@ class SlotDeparture(Departure):
 
 
 def take_provider(
-    c: Container, plan: Plan, failing: set[int], budget: Callable[[], float], ticket: Ticket
+    c: WorkerPorts, plan: Plan, failing: set[int], budget: Callable[[], float], ticket: Ticket
 ) -> tuple[int, SlotDeparture, str | None]:
     """A place (under `max_concurrency`) and a slot on the provider that serves soonest, slept
-    until; (index, when the request must leave, the place's lease). None: the message was
-    Deferral: no slot starts before the invocation's time runs out."""
+    until; (index, when the request must leave, the place's lease). Raises Deferral when no
+    slot starts before the invocation's time runs out."""
     providers = plan.providers
     while True:
         usable = [i for i in range(len(providers)) if i not in failing] or list(range(len(providers)))
@@ -247,7 +247,7 @@ def take_provider(
 
 
 def take_places(
-    c: Container, candidates: list[Provider], usable: list[int], lease_s: float
+    c: WorkerPorts, candidates: list[Provider], usable: list[int], lease_s: float
 ) -> tuple[list[int], dict[int, str]]:
     """Of `usable`, the providers with room for one more request in flight, and the leases
     taken on those that cap it (`max_concurrency`)."""
@@ -262,13 +262,15 @@ def take_places(
     return free, places
 
 
-def give_back(c: Container, candidates: list[Provider], places: dict[int, str], keep: int | None) -> None:
+def give_back(c: WorkerPorts, candidates: list[Provider], places: dict[int, str], keep: int | None) -> None:
     for i, lease in places.items():
         if i != keep:
             c.limiter.release(concurrency_key(candidates[i]), lease)
 
 
-def react_to_headers(c: Container, provider: Provider, limits: list[Limit], headers: dict[str, str]) -> None:
+def react_to_headers(
+    c: WorkerPorts, provider: Provider, limits: list[Limit], headers: dict[str, str]
+) -> None:
     """A provider that says a limit is used up holds every worker until its reset."""
     for used_up in exhausted(headers):
         if used_up.kind == "requests":
@@ -278,7 +280,7 @@ def react_to_headers(c: Container, provider: Provider, limits: list[Limit], head
 
 
 def take_slot(
-    c: Container,
+    c: WorkerPorts,
     limits: list[list[Limit]],
     max_wait: Callable[[], float],
     weights: Sequence[float] = (),
@@ -292,7 +294,7 @@ def take_slot(
     LIMITER_LATE_S after the earliest bound gives its slot up and takes a fresh one (and the
     request itself is not sent later than that either: `Departure`), so a stall leaves a gap in
     the schedule instead of a burst that would overfill the provider's window."""
-    asked = time.monotonic()
+    asked = c.clock.monotonic()
     for _ in range(MAX_LATE_WAKEUPS):
         budget = max_wait()
         if budget < 0:
@@ -300,8 +302,8 @@ def take_slot(
         reservation = c.limiter.reserve(limits, budget, weights)
         if not reservation.reserved:
             return None, Slot(reservation.wait_s)
-        time.sleep(max(reservation.latest - time.monotonic(), 0.0))
-        late = time.monotonic() - reservation.earliest
+        c.clock.sleep(max(reservation.latest - c.clock.monotonic(), 0.0))
+        late = c.clock.monotonic() - reservation.earliest
         slot = Slot(
             0.0,
             reservation.earliest,
