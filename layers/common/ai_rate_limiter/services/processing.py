@@ -161,16 +161,20 @@ def attempt_until_done(
             if isinstance(exc, RateLimited):
                 ticket.rate_limited(provider.id)
             decision = on_error(exc, m.tries, c.settings.max_attempts)
-            outcome = carry_out(c, m, plan, index, decision, budget)
-            if outcome is not None:
-                return outcome
-            if decision.avoid_provider:
-                failing.add(index)
-            c.clock.sleep(decision.pause_s)
+            if not carry_out(c, m, plan, index, decision):
+                return "failed"
+            # The try is counted (unless it was a 429) before anything else, so that a message
+            # handed back for a pause it cannot wait here still runs out of tries.
             renewed = c.store.renew(m, deadline.remaining() + 30, decision.counted, decision.error)
             if renewed is None:
                 return "lost"
             m = renewed
+            if decision.pause_s > budget():
+                dispatch.defer(c, m, decision.pause_s, decision.error)
+                return "deferred"
+            if decision.avoid_provider:
+                failing.add(index)
+            c.clock.sleep(decision.pause_s)
         else:
             used = tokens.charged(
                 provider, m.request, result.usage.prompt_tokens, result.usage.completion_tokens
@@ -180,10 +184,9 @@ def attempt_until_done(
             return "completed" if c.store.complete(m, provider, result) else "lost"
 
 
-def carry_out(
-    c: WorkerPorts, m: ClaimedMessage, plan: Plan, index: int, decision: OnError, budget: Callable[[], float]
-) -> str | None:
-    """Do what `on_error` decided; the message's outcome if it is settled now, None to retry."""
+def carry_out(c: WorkerPorts, m: ClaimedMessage, plan: Plan, index: int, decision: OnError) -> bool:
+    """Do what `on_error` decided for the provider, and fail the message if it is not retried;
+    whether it is retried."""
     provider = plan.providers[index]
     if decision.quota_exhausted:
         c.store.set_provider_status(provider.id, "quota_exhausted", decision.error)
@@ -193,11 +196,7 @@ def carry_out(
         c.limiter.push(plan.limits[index], decision.hold_provider_s)
     if not decision.retry:
         c.store.fail(m, decision.error, provider)
-        return "failed"
-    if decision.pause_s > budget():
-        dispatch.defer(c, m, decision.pause_s, decision.error)
-        return "deferred"
-    return None
+    return decision.retry
 
 
 @dataclass
