@@ -1,0 +1,428 @@
+"""The worker's decisions on in-memory ports (`tests/fakes.py`): no I/O, time on a FakeClock.
+
+Each test runs one message through `processing.process` and reads what the fakes were left
+with: the message's row, the limiter's schedule, the calls the provider got, what was parked.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+from ai_rate_limiter.adapters.postgres import provider_from_row
+from ai_rate_limiter.domain.decisions import on_error
+from ai_rate_limiter.domain.limits import (
+    Headroom,
+    concurrency_key,
+    per_token_us,
+    provider_limits,
+    request_limit,
+    token_key,
+)
+from ai_rate_limiter.domain.models import Provider
+from ai_rate_limiter.errors import (
+    LateForSlot,
+    ProviderError,
+    ProviderRejected,
+    ProviderUnavailable,
+    QuotaExhausted,
+    RateLimited,
+)
+from ai_rate_limiter.ports import WorkerPorts
+from ai_rate_limiter.services.dispatch import message_body
+from ai_rate_limiter.services.intake import Intake, Ticket
+from ai_rate_limiter.services.processing import (
+    LIMITER_RETRY_S,
+    MAX_LATE_WAKEUPS,
+    SHUTTING_DOWN,
+    Deadline,
+    process,
+)
+
+from tests.fakes import FakePorts, Outcome, T, answer
+
+Q = "q1"
+
+
+@pytest.fixture()
+def ports() -> FakePorts:
+    built = FakePorts.build()
+    _typed: WorkerPorts = built  # the fakes are the worker's ports, as the container is
+    return built
+
+
+def queue(ports: FakePorts, **fields: object) -> Provider:
+    """A queue Q with one provider (these fields of its row): the Provider the worker loads."""
+    row = ports.store.add_provider(**fields)
+    ports.store.add_queue(Q, row)
+    return provider_from_row(row)
+
+
+def headroom(ports: FakePorts) -> Headroom:
+    return Headroom(ports.settings.limiter_guard_s, ports.settings.limiter_margin)
+
+
+def run(
+    ports: FakePorts,
+    mid: str,
+    deadline_s: float = 60.0,
+    call_budget_s: float = 10.0,
+    ticket: Ticket | None = None,
+    lease_s: float | None = None,
+) -> str:
+    """Claim the message and process it as an invocation with `deadline_s` left would."""
+    [m] = ports.store.claim([mid], lease_s=deadline_s + 30 if lease_s is None else lease_s)
+    providers = [provider_from_row(r, w) for r, w in ports.store.queue_providers(m.tenant_id, m.queue_id)]
+    deadline = Deadline.after(deadline_s, ports.clock)
+    return process(ports, m, providers, deadline, call_budget_s, ticket)
+
+
+def us(seconds: float) -> int:
+    return round(seconds * 1_000_000)
+
+
+# -- what a failed call leads to ------------------------------------------------------------------
+
+
+def test_a_429_holds_the_provider_costs_no_try_and_the_next_call_completes(ports: FakePorts) -> None:
+    p = queue(ports)
+    mid = ports.store.add_message(Q)
+    ports.providers.script(p.id, RateLimited("fake: HTTP 429: slow down", retry_after_s=2.0), answer("hi"))
+    t0 = ports.clock.now_us
+
+    assert run(ports, mid) == "completed"
+
+    key = request_limit(p, headroom(ports)).key
+    assert ports.limiter.pushes == [((key,), 2.0)]  # every worker holds for the retry-after
+    first, second = ports.providers.sent()
+    assert us(first.at) == t0 and us(second.at) == t0 + us(2.0)  # the next slot was after the hold
+    m = ports.store.messages[mid]
+    assert (m.status, m.tries, m.attempt) == ("completed", 1, 2)  # renewed once, the 429 not counted
+    assert m.result is not None and m.result.text == "hi" and m.last_error is None
+
+
+def test_insufficient_quota_fails_the_message_and_stops_the_provider(ports: FakePorts) -> None:
+    p = queue(ports)
+    first, second = ports.store.add_message(Q), ports.store.add_message(Q)
+    ports.providers.script(p.id, QuotaExhausted("fake: HTTP 429: insufficient_quota"))
+
+    assert run(ports, first) == "failed"
+
+    m = ports.store.messages[first]
+    assert (m.status, m.tries, m.provider_id) == ("failed", 1, p.id)
+    assert m.last_error is not None and "insufficient_quota" in m.last_error
+    assert ports.store.providers[p.id]["status"] == "quota_exhausted"
+    assert ports.store.providers[p.id]["status_detail"] == m.last_error
+    assert ports.limiter.pushes == []  # not a rate limit: nobody is held
+    # The next message of the queue loads the provider as stopped: nothing is sent.
+    assert run(ports, second) == "failed"
+    assert len(ports.providers.calls) == 1 and ports.store.messages[second].tries == 0
+
+
+def test_a_5xx_on_one_provider_moves_the_retry_to_the_other(ports: FakePorts) -> None:
+    a, b = ports.store.add_provider(name="a"), ports.store.add_provider(name="b")
+    ports.store.add_queue(Q, a, b)
+    mid = ports.store.add_message(Q)
+    ports.providers.script(a["id"], ProviderUnavailable("a: HTTP 503: overloaded"))
+    ports.providers.script(b["id"], answer("from b"))
+
+    assert run(ports, mid) == "completed"
+
+    assert [c.provider_id for c in ports.providers.calls] == [a["id"], b["id"]]
+    m = ports.store.messages[mid]
+    assert (m.status, m.provider_name, m.tries, m.attempt) == ("completed", "b", 2, 2)
+
+
+def test_after_max_attempts_the_message_fails_with_the_last_error(ports: FakePorts) -> None:
+    p = queue(ports)
+    mid = ports.store.add_message(Q)
+    n = ports.settings.max_attempts
+    ports.providers.script(p.id, *[ProviderUnavailable(f"fake: HTTP 500: boom {i}") for i in range(n)])
+
+    assert run(ports, mid) == "failed"
+
+    assert len(ports.providers.sent()) == n
+    m = ports.store.messages[mid]
+    assert (m.status, m.tries) == ("failed", n)
+    assert m.last_error == f"gave up after {n} attempts: fake: HTTP 500: boom {n - 1}"
+
+
+def test_a_message_that_already_spent_its_tries_fails_after_one_more(ports: FakePorts) -> None:
+    p = queue(ports)
+    mid = ports.store.add_message(Q, tries=ports.settings.max_attempts - 1)
+    ports.providers.script(p.id, ProviderUnavailable("fake: HTTP 502"))
+
+    assert run(ports, mid) == "failed"
+    assert len(ports.providers.calls) == 1
+    assert ports.store.messages[mid].tries == ports.settings.max_attempts
+
+
+# -- when no slot or pause fits the invocation ----------------------------------------------------
+
+
+def test_no_slot_before_the_deadline_defers_the_message(ports: FakePorts) -> None:
+    p = queue(ports, request_limit=1, time_window=30.0)
+    ports.limiter.reserve([provider_limits(p, headroom(ports))], 0)  # another worker took the slot
+    mid = ports.store.add_message(Q)
+
+    assert run(ports, mid, deadline_s=20.0, call_budget_s=5.0) == "deferred"
+
+    next_slot_s = request_limit(p, headroom(ports)).increment_us / 1e6
+    assert ports.broker.delayed == [(ports.names(T, Q), message_body(T, mid), next_slot_s)]
+    m = ports.store.messages[mid]
+    assert (m.status, m.lease_until, m.tries) == ("queued", None, 0)
+    assert ports.providers.calls == [] and len(ports.limiter.booked) == 1  # nothing reserved for it
+
+
+def test_a_pause_longer_than_the_budget_defers_and_counts_the_try(ports: FakePorts) -> None:
+    p = queue(ports)
+    mid = ports.store.add_message(Q)
+    ports.providers.script(p.id, ProviderUnavailable("fake: HTTP 503: back later", retry_after_s=120.0))
+
+    assert run(ports, mid, deadline_s=60.0, call_budget_s=10.0) == "deferred"
+
+    assert ports.broker.delayed == [(ports.names(T, Q), message_body(T, mid), 120.0)]
+    m = ports.store.messages[mid]
+    assert (m.status, m.last_error) == ("queued", "fake: HTTP 503: back later")
+    assert m.tries == 1  # the call was made, and counts
+
+
+def test_a_provider_that_always_asks_for_later_still_runs_the_message_out_of_tries(
+    ports: FakePorts,
+) -> None:
+    p = queue(ports)
+    mid = ports.store.add_message(Q)
+    n = ports.settings.max_attempts
+    ports.providers.script(p.id, *[ProviderUnavailable("fake: HTTP 503", retry_after_s=120.0)] * n)
+
+    outcomes = [run(ports, mid) for _ in range(n)]  # each delivery after the last one's delay
+
+    assert outcomes == ["deferred"] * (n - 1) + ["failed"]
+    m = ports.store.messages[mid]
+    assert (m.status, m.tries, m.last_error) == ("failed", n, f"gave up after {n} attempts: fake: HTTP 503")
+    assert len(ports.broker.delayed) == n - 1
+
+
+def test_redis_unreachable_makes_the_message_wait_without_a_try(ports: FakePorts) -> None:
+    queue(ports)
+    mid = ports.store.add_message(Q)
+    ports.limiter.down = True
+
+    assert run(ports, mid) == "deferred"
+
+    assert ports.broker.delayed == [(ports.names(T, Q), message_body(T, mid), LIMITER_RETRY_S)]
+    m = ports.store.messages[mid]
+    assert (m.status, m.tries) == ("queued", 0)
+    assert m.last_error == "waiting for the rate limiter (redis unreachable)"
+    assert ports.providers.calls == []
+
+
+def test_shutting_down_hands_unsent_work_back_at_once(ports: FakePorts) -> None:
+    queue(ports)
+    mid = ports.store.add_message(Q)
+    SHUTTING_DOWN.set()
+    try:
+        assert run(ports, mid) == "deferred"
+    finally:
+        SHUTTING_DOWN.clear()
+    assert [d for _, _, d in ports.broker.delayed] == [1.0]
+    assert ports.providers.calls == [] and ports.store.messages[mid].status == "queued"
+
+
+# -- keeping to the slot ----------------------------------------------------------------------------
+
+
+def test_a_late_wake_up_gives_the_slot_back_and_takes_a_fresh_one(ports: FakePorts) -> None:
+    p = queue(ports, request_limit=10, time_window=1.0)  # a slot every ~103 ms
+    mid = ports.store.add_message(Q)
+    ports.providers.script(p.id, answer())
+    intake = Intake(1.0, 10)
+    t0 = ports.clock.now_us
+    ports.clock.stall(0.05)  # the sleep until the slot wakes up 50 ms late
+
+    assert run(ports, mid, ticket=intake.ticket()) == "completed"
+
+    lim = request_limit(p, headroom(ports))
+    assert ports.limiter.refunds == [((lim.key,), t0, 1)]  # given back: nothing came after it
+    assert [b.slot_us for b in ports.limiter.booked] == [t0, t0 + us(0.05)]  # not t0 + 103 ms
+    [call] = ports.providers.calls
+    assert call.sent and us(call.at) == t0 + us(0.05)
+    assert ports.limiter.tat(lim.key) == t0 + us(0.05) + lim.increment_us  # one slot used
+    assert (intake.figures[p.id].late, intake.figures[p.id].sent) == (1, 1)
+    assert ports.store.messages[mid].tries == 1
+
+
+def test_no_request_leaves_late_however_often_the_worker_wakes_up_late(ports: FakePorts) -> None:
+    p = queue(ports, request_limit=10, time_window=1.0)
+    mid = ports.store.add_message(Q)
+    ports.providers.script(p.id, answer())
+    t0 = ports.clock.now_us
+    ports.clock.stall(*[0.05] * (MAX_LATE_WAKEUPS + 1))  # more late wake-ups than one slot allows
+
+    assert run(ports, mid) == "completed"
+
+    [sent] = ports.providers.sent()
+    assert us(sent.at) == t0 + us(0.05) * (MAX_LATE_WAKEUPS + 1)
+    assert us(sent.at) - ports.limiter.booked[-1].slot_us <= us(ports.settings.limiter_late_s)
+    lim = request_limit(p, headroom(ports))
+    assert ports.limiter.tat(lim.key) == us(sent.at) + lim.increment_us  # every other slot given back
+    assert ports.store.messages[mid].tries == 1
+
+
+def test_a_request_late_at_its_departure_is_not_sent_and_takes_a_fresh_slot(ports: FakePorts) -> None:
+    p = queue(ports, request_limit=10, time_window=1.0)
+    mid = ports.store.add_message(Q)
+    ports.providers.script(p.id, answer("on time"))
+    stalls = deque([0.05])  # the first request is held up 50 ms on its way out
+    ports.providers.before_send = lambda _: ports.clock.advance(stalls.popleft() if stalls else 0.0)
+    intake = Intake(1.0, 10)
+    t0 = ports.clock.now_us
+
+    assert run(ports, mid, ticket=intake.ticket()) == "completed"
+
+    late, sent = ports.providers.calls
+    assert not late.sent and sent.sent and us(sent.at) == t0 + us(0.05)
+    lim = request_limit(p, headroom(ports))
+    assert ports.limiter.refunds == [((lim.key,), t0, 1)]
+    assert [b.slot_us for b in ports.limiter.booked] == [t0, t0 + us(0.05)]
+    m = ports.store.messages[mid]
+    assert (m.status, m.tries, m.attempt) == ("completed", 1, 1)  # nothing counted, no renewal
+    assert (intake.figures[p.id].late, intake.figures[p.id].sent) == (1, 1)
+
+
+def test_a_provider_at_max_concurrency_waits_for_a_place(ports: FakePorts) -> None:
+    p = queue(ports, provider_type="deepseek", max_concurrency=1)
+    key = concurrency_key(p)
+    theirs = ports.limiter.acquire(key, 1, 60.0)  # another worker's request is in flight ...
+    assert theirs is not None
+    ports.clock.call_later(0.3, lambda: ports.limiter.release(key, theirs))  # ... for 300 ms more
+    mid = ports.store.add_message(Q)
+    ports.providers.script(p.id, answer())
+    t0 = ports.clock.now_us
+
+    assert run(ports, mid) == "completed"
+
+    assert ports.limiter.waits == [((key,), 0.3)]  # woken by the release, not by polling
+    [call] = ports.providers.calls
+    assert us(call.at) == t0 + us(0.3)
+    assert ports.limiter.in_flight(key) == 0  # and its own place given back after the call
+
+
+# -- what the answer says ---------------------------------------------------------------------------
+
+
+def test_a_token_limit_is_settled_with_the_usage_reported(ports: FakePorts) -> None:
+    p = queue(
+        ports, provider_type="anthropic", token_limit=10_000, time_window=60.0, config={"max_tokens": 100}
+    )
+    mid = ports.store.add_message(Q, prompt="How far is the moon?")
+    ports.providers.script(p.id, answer(prompt_tokens=20, completion_tokens=30))
+    t0 = ports.clock.now_us
+
+    assert run(ports, mid) == "completed"
+
+    used_us = 50 * per_token_us(p, headroom(ports))  # Anthropic counts what was used
+    tat = ports.limiter.tat(token_key(p))
+    assert tat is not None and abs(tat - (t0 + used_us)) <= 1
+    assert ports.limiter.booked[0].keys == (request_limit(p, headroom(ports)).key, token_key(p))
+
+
+def test_headers_saying_no_requests_are_left_hold_the_provider_until_the_reset(ports: FakePorts) -> None:
+    p = queue(ports)
+    mid = ports.store.add_message(Q)
+    headers = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s"}
+    ports.providers.script(p.id, answer(headers=headers))
+
+    assert run(ports, mid) == "completed"
+    assert ports.limiter.pushes == [((request_limit(p, headroom(ports)).key,), 1.5)]
+
+
+# -- messages the worker no longer holds, queues it cannot serve ------------------------------------
+
+
+@pytest.mark.parametrize("outcome", [answer(), ProviderUnavailable("fake: HTTP 500")])
+def test_a_message_whose_lease_was_lost_is_left_to_its_new_holder(ports: FakePorts, outcome: Outcome) -> None:
+    p = queue(ports)
+    mid = ports.store.add_message(Q)
+    ports.providers.script(p.id, outcome)
+    ports.providers.latency_s = 10.0  # the call outlives the 5 s lease ...
+    ports.clock.call_later(6.0, lambda: ports.store.claim([mid], 60.0))  # ... and another worker claims it
+
+    assert run(ports, mid, lease_s=5.0) == "lost"
+
+    m = ports.store.messages[mid]
+    assert (m.status, m.attempt, m.tries, m.result, m.last_error) == ("processing", 2, 0, None, None)
+
+
+def test_a_queue_without_an_active_provider_fails_without_a_counted_try(ports: FakePorts) -> None:
+    queue(ports, status="quota_exhausted")
+    mid = ports.store.add_message(Q)
+
+    assert run(ports, mid) == "failed"
+
+    m = ports.store.messages[mid]
+    assert (m.status, m.tries) == ("failed", 0)
+    assert m.last_error == "The queue has no usable provider (deleted or out of quota)."
+    assert ports.providers.calls == [] and ports.limiter.booked == []
+
+
+# -- decisions.on_error, pure -----------------------------------------------------------------------
+
+
+def test_on_error_quota_exhausted_fails_and_stops_the_provider() -> None:
+    d = on_error(QuotaExhausted("insufficient_quota"), 0, 5)
+    assert (d.retry, d.error, d.quota_exhausted, d.counted, d.hold_provider_s) == (
+        False,
+        "insufficient_quota",
+        True,
+        True,
+        None,
+    )
+
+
+def test_on_error_rejected_fails_at_once() -> None:
+    d = on_error(ProviderRejected("HTTP 400: bad request"), 0, 5)
+    assert (d.retry, d.error, d.quota_exhausted, d.avoid_provider) == (
+        False,
+        "HTTP 400: bad request",
+        False,
+        False,
+    )
+
+
+def test_on_error_rate_limited_holds_the_provider_and_costs_no_try() -> None:
+    d = on_error(RateLimited("HTTP 429", retry_after_s=3.0), 4, 5)  # even on the last try
+    assert (d.retry, d.counted, d.hold_provider_s, d.pause_s, d.avoid_provider) == (
+        True,
+        False,
+        3.0,
+        0.0,
+        False,
+    )
+    unsaid = on_error(RateLimited("HTTP 429"), 0, 5)
+    assert unsaid.hold_provider_s is not None and 0.0 <= unsaid.hold_provider_s <= 1.0
+
+
+def test_on_error_unavailable_retries_elsewhere_after_the_retry_after_or_a_backoff() -> None:
+    d = on_error(ProviderUnavailable("HTTP 503", retry_after_s=7.0), 0, 5)
+    assert (d.retry, d.counted, d.pause_s, d.avoid_provider, d.hold_provider_s) == (
+        True,
+        True,
+        7.0,
+        True,
+        None,
+    )
+    backoff = on_error(ProviderUnavailable("timed out"), 2, 5)
+    assert backoff.retry and 0.0 <= backoff.pause_s <= 2.0  # the third try: up to 0.5 s · 2²
+
+
+def test_on_error_gives_up_on_the_last_attempt() -> None:
+    d = on_error(ProviderUnavailable("HTTP 500"), 4, 5)
+    assert (d.retry, d.error, d.counted) == (False, "gave up after 5 attempts: HTTP 500", True)
+
+
+@pytest.mark.parametrize("exc", [ProviderError("odd answer"), LateForSlot("late")])
+def test_on_error_other_provider_errors_are_retried_as_failures(exc: ProviderError) -> None:
+    d = on_error(exc, 0, 5)
+    assert d.retry and d.counted and d.avoid_provider and 0.0 <= d.pause_s <= 0.5
+    assert not on_error(exc, 4, 5).retry
