@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from ai_rate_limiter.config import Settings
 from ai_rate_limiter.domain.backoff import backoff_s, retry_after_s
-from ai_rate_limiter.domain.limits import Headroom, request_limit
+from ai_rate_limiter.domain.limits import Headroom, guard_s, request_limit
 from ai_rate_limiter.domain.models import ChatRequest, Provider, ProviderType, mask_key
-from ai_rate_limiter.domain.names import broker_names
+from ai_rate_limiter.domain.names import broker_names, parse_shard
 from ai_rate_limiter.domain.progress import batch_progress
 
 
@@ -67,6 +67,23 @@ def test_broker_names_come_from_one_place() -> None:
     assert names.main == "airl.default.my-queue"
     assert (names.dead_letter, names.delay) == ("airl.default.my-queue.dlq", "airl.default.my-queue.delay")
     assert broker_names("airl", "t2", "my-queue").main != names.main  # tenants never share a queue
+
+
+def test_shards_are_named_and_read_back() -> None:
+    names = broker_names("airl", "default", "my-queue")
+    main = "airl.default.my-queue"
+    assert names.shards(3) == [main, f"{main}.w1", f"{main}.w2"]
+    assert parse_shard("airl", "airl.default.my-queue.w2") == ("default", "my-queue", 2)
+    assert parse_shard("airl", "airl.default.my-queue") == ("default", "my-queue", 0)
+    assert parse_shard("airl", "airl.t.x.q_1") == ("t.x", "q_1", 0)  # the last dot ends the tenant
+    for other in ("airl.default.my-queue.dlq", "airl.default.my-queue.delay", "other.default.q", "airl.q"):
+        assert parse_shard("airl", other) is None
+
+
+def test_the_guard_grows_with_the_measured_departure_delays() -> None:
+    assert guard_s(0.03, 0.02, None) == 0.03  # nothing measured yet: the floor
+    assert guard_s(0.03, 0.02, 0.003) == 0.03  # a quiet machine: the floor covers it
+    assert guard_s(0.03, 0.02, 0.02) == pytest.approx(0.05)  # a loaded one: late + 1.5 x p99
 
 
 def test_chat_request_round_trips_through_json() -> None:

@@ -45,6 +45,19 @@ class ClockOffset:
         return remote_time - self.high, remote_time - self.low
 
 
+GUARD_SPREAD = 1.5  # the guard covers this many times the p99 of the measured departure delays
+
+
+def guard_s(floor_s: float, late_s: float, departure_p99_s: float | None) -> float:
+    """How much longer than its window to pace a provider. A request leaves at most `late_s`
+    after its slot; the way to the provider adds its own spread, which grows with the load on
+    the worker's machine, seen in how late its requests leave: the guard is `floor_s` or, when
+    more, `late_s` plus GUARD_SPREAD times the p99 of recent departure delays."""
+    if departure_p99_s is None:
+        return floor_s
+    return max(floor_s, late_s + GUARD_SPREAD * departure_p99_s)
+
+
 @dataclass(frozen=True)
 class Headroom:
     """How much longer than the provider's window the limiter paces for: guard + margin·window."""

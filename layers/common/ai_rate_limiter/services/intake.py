@@ -14,8 +14,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..domain.limits import guard_s
+
 MAX_UNSLOTTED = 64  # messages taken that have not reserved their first slot yet
 SAMPLES = 2048  # recent measurements kept per provider
+GUARD_SAMPLES = 1000  # recent departure delays the guard is sized from
+GUARD_MIN_SAMPLES = 50
+GUARD_EVERY_S = 0.5
 
 
 @dataclass
@@ -41,6 +46,8 @@ class Intake:
         self.slots = 0
         self.completed = 0
         self.figures: dict[str, ProviderFigures] = {}
+        self.delays: deque[float] = deque(maxlen=GUARD_SAMPLES)
+        self._p99: tuple[float, float | None] = (-math.inf, None)  # (when, value)
         self._cond = threading.Condition()
 
     def room_in(self, now: float | None = None, taking: int = 0) -> float:
@@ -60,6 +67,18 @@ class Intake:
         """Whether the next slot may start after `at`: the latest one plus the last gap."""
         with self._cond:
             return self.horizon + self.gap >= at
+
+    def departure_p99(self) -> float | None:
+        """The p99 of recent slot-to-departure delays (None until there are enough)."""
+        now = time.monotonic()
+        with self._cond:
+            when, value = self._p99
+            if now - when < GUARD_EVERY_S:
+                return value
+            delays = sorted(self.delays)
+            value = delays[int(0.99 * len(delays))] if len(delays) >= GUARD_MIN_SAMPLES else None
+            self._p99 = (now, value)
+            return value
 
     def wait(self, timeout_s: float) -> None:
         """Sleep up to `timeout_s`, waking early when a message reserves its slot or finishes."""
@@ -121,6 +140,11 @@ class Ticket:
                 figures = self.intake._figures(provider_id)
                 figures.sent += 1
                 figures.delays_s.append(delay_s)
+                self.intake.delays.append(delay_s)
+
+    def guard_s(self, floor_s: float, late_s: float) -> float:
+        """The guard to pace this message's providers with (see `limits.guard_s`)."""
+        return guard_s(floor_s, late_s, self.intake.departure_p99() if self.intake else None)
 
     def held_back(self, provider_id: str) -> None:
         if self.intake is not None:

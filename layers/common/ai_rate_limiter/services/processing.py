@@ -114,8 +114,8 @@ class Plan:
     headroom: Headroom
 
     @classmethod
-    def of(cls, c: WorkerPorts, m: ClaimedMessage, providers: list[Provider]) -> Plan:
-        headroom = Headroom(c.settings.limiter_guard_s, c.settings.limiter_margin)
+    def of(cls, c: WorkerPorts, m: ClaimedMessage, providers: list[Provider], guard_s: float) -> Plan:
+        headroom = Headroom(guard_s, c.settings.limiter_margin)
         usable = [p for p in providers if p.status == "active"]
         costs = [tokens.estimate(p, m.request) if p.token_limit else 0 for p in usable]
         limits = [provider_limits(p, headroom, cost) for p, cost in zip(usable, costs, strict=True)]
@@ -132,7 +132,8 @@ def attempt_until_done(
 ) -> str:
     """The sequence: a slot on the provider that serves soonest, the call, the answer stored;
     after a failed call, what `on_error` decides."""
-    plan = Plan.of(c, m, providers)
+    s = c.settings
+    plan = Plan.of(c, m, providers, ticket.guard_s(s.limiter_guard_s, s.limiter_late_s))
     if not plan.providers:
         c.store.fail(m, "The queue has no usable provider (deleted or out of quota).", None, counted=False)
         return "failed"
