@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any
 
-from local.bench.stack import Stack
+from local.bench.stack import Stack, environments_peak_rss_mb
 
 
 def _provider_row(stats: dict[str, Any], n: int, limit: int, window: float) -> dict[str, Any]:
@@ -77,6 +77,7 @@ def scenario(
     row["held_back"] = seen["held_back_last_minute"]
     row["workers"] = workers
     row["end_to_end_s"] = round(end_to_end, 2)
+    row["worker_peak_rss_mb"] = round(environments_peak_rss_mb(stack.bridge_pid), 1)
     row["fake_latency"] = latency
     stack.http.delete(f"{stack.api}/queue/{queue_id}")
     return row

@@ -42,6 +42,7 @@ class Stack:
     fake: str
     api_pid: int
     settings: Settings
+    bridge_pid: int = 0
     # One client for the whole run: a new one per call builds a TLS context each time, CPU
     # the benchmark would take from the stack it measures.
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60))
@@ -143,12 +144,15 @@ def running_stack(bridge: bool = True, **overrides: str) -> Iterator[Stack]:
         )
         api = spawn("local.api_server")
         procs.append(api)
+        bridge_pid = 0
         if bridge:
             procs.append(spawn("local.bridge"))
+            bridge_pid = procs[-1].pid
         url = f"http://127.0.0.1:{settings.api_port}"
         if not wait_ready(f"{url}/health", procs):
             raise RuntimeError("the benchmark stack did not come up")
-        with Stack(url, f"http://127.0.0.1:{settings.fake_provider_port}", api.pid, settings) as stack:
+        fake_url = f"http://127.0.0.1:{settings.fake_provider_port}"
+        with Stack(url, fake_url, api.pid, settings, bridge_pid) as stack:
             yield stack
     finally:
         stop(procs)
@@ -159,6 +163,16 @@ def running_stack(bridge: bool = True, **overrides: str) -> Iterator[Stack]:
                 os.environ[key] = value
         drop_broker_queues(container)
         container.close()
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def environments_peak_rss_mb(bridge_pid: int) -> float:
+    """The largest peak RSS of the bridge's execution environments (worker processes)."""
+    return max((peak_rss_mb(c) for c in children(bridge_pid)), default=0.0)
 
 
 def peak_rss_mb(pid: int) -> float:
