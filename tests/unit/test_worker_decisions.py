@@ -252,21 +252,23 @@ def test_a_late_wake_up_gives_the_slot_back_and_takes_a_fresh_one(ports: FakePor
     assert ports.store.messages[mid].tries == 1
 
 
-def test_no_request_leaves_late_however_often_the_worker_wakes_up_late(ports: FakePorts) -> None:
+def test_a_worker_late_at_every_wake_up_sends_nothing_and_hands_the_message_back(ports: FakePorts) -> None:
+    """A machine too busy to wake anything on time: after MAX_LATE_WAKEUPS slots given back, the
+    message goes back to the queue for a second instead of spinning through slots."""
     p = queue(ports, request_limit=10, time_window=1.0)
     mid = ports.store.add_message(Q)
     ports.providers.script(p.id, answer())
-    t0 = ports.clock.now_us
-    ports.clock.stall(*[0.05] * (MAX_LATE_WAKEUPS + 1))  # more late wake-ups than one slot allows
+    ports.clock.stall(*[0.05] * (MAX_LATE_WAKEUPS + 1))  # more late wake-ups than one message allows
 
-    assert run(ports, mid) == "completed"
+    assert run(ports, mid) == "deferred"
 
-    [sent] = ports.providers.sent()
-    assert us(sent.at) == t0 + us(0.05) * (MAX_LATE_WAKEUPS + 1)
-    assert us(sent.at) - ports.limiter.booked[-1].slot_us <= us(ports.settings.limiter_late_s)
+    assert ports.providers.calls == []  # nothing left late: nothing left at all
+    assert len(ports.limiter.refunds) == MAX_LATE_WAKEUPS  # every slot given back
     lim = request_limit(p, headroom(ports))
-    assert ports.limiter.tat(lim.key) == us(sent.at) + lim.increment_us  # every other slot given back
-    assert ports.store.messages[mid].tries == 1
+    assert ports.limiter.tat(lim.key) <= ports.clock.now_us  # no slot of it is left in the schedule
+    assert ports.broker.delayed == [(ports.names(T, Q), message_body(T, mid), 1.0)]
+    m = ports.store.messages[mid]
+    assert (m.status, m.tries) == ("queued", 0)
 
 
 def test_a_request_late_at_its_departure_is_not_sent_and_takes_a_fresh_slot(ports: FakePorts) -> None:
@@ -426,3 +428,27 @@ def test_on_error_other_provider_errors_are_retried_as_failures(exc: ProviderErr
     d = on_error(exc, 0, 5)
     assert d.retry and d.counted and d.avoid_provider and 0.0 <= d.pause_s <= 0.5
     assert not on_error(exc, 4, 5).retry
+
+
+def test_a_paid_answer_is_stored_even_if_the_limiter_fails_right_after(ports: FakePorts) -> None:
+    """Redis going away between the answer and its bookkeeping (a place given back, headers
+    saying nothing is left) must not throw the answer away and have the provider paid again."""
+    p = queue(ports, request_limit=10, time_window=1.0, max_concurrency=2)
+    mid = ports.store.add_message(Q)
+    ports.providers.script(
+        p.id,
+        answer("kept", headers={"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"}),
+    )
+    send = ports.providers.call
+
+    def answer_then_redis_goes(*args: object) -> object:
+        result = send(*args)  # type: ignore[arg-type]
+        ports.limiter.down = True
+        return result
+
+    ports.providers.call = answer_then_redis_goes  # type: ignore[method-assign,assignment]
+
+    assert run(ports, mid) == "completed"
+    m = ports.store.messages[mid]
+    assert (m.status, m.tries) == ("completed", 1)
+    assert len(ports.providers.calls) == 1

@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..adapters.egress import Departure
 from ..domain import tokens
@@ -147,13 +148,7 @@ def attempt_until_done(
             return "deferred"
         provider = plan.providers[index]
         try:
-            try:
-                result = c.providers.call(provider, m.request, departure)
-            finally:
-                if lease is not None:
-                    c.limiter.release(concurrency_key(provider), lease)
-                if departure.sent_at is not None:
-                    ticket.departed(provider.id, departure.sent_at - departure.slot_at)
+            result = c.providers.call(provider, m.request, departure)
         except LateForSlot:
             ticket.held_back(provider.id)
             c.limiter.refund(departure.slot.limits, departure.slot.slot_us)
@@ -177,12 +172,20 @@ def attempt_until_done(
                 failing.add(index)
             c.clock.sleep(decision.pause_s)
         else:
+            # The answer is paid for: store it first; what the limiter learns from it is best
+            # effort (a lost settlement only leaves the schedule more careful than it need be).
+            stored = c.store.complete(m, provider, result)
             used = tokens.charged(
                 provider, m.request, result.usage.prompt_tokens, result.usage.completion_tokens
             )
-            c.limiter.settle(settlement(provider, plan.headroom, plan.costs[index], used))
-            react_to_headers(c, provider, plan.limits[index], result.headers)
-            return "completed" if c.store.complete(m, provider, result) else "lost"
+            _quietly(c.limiter.settle, settlement(provider, plan.headroom, plan.costs[index], used))
+            _quietly(react_to_headers, c, provider, plan.limits[index], result.headers)
+            return "completed" if stored else "lost"
+        finally:
+            if lease is not None:  # it expires by itself if Redis cannot be told
+                _quietly(c.limiter.release, concurrency_key(provider), lease)
+            if departure.sent_at is not None:
+                ticket.departed(provider.id, departure.sent_at - departure.slot_at)
 
 
 def carry_out(c: WorkerPorts, m: ClaimedMessage, plan: Plan, index: int, decision: OnError) -> bool:
@@ -218,7 +221,9 @@ def take_provider(
     providers = plan.providers
     while True:
         usable = [i for i in range(len(providers)) if i not in failing] or list(range(len(providers)))
-        free, places = take_places(c, providers, usable, c.settings.provider_timeout_s + 30)
+        # A place is held while the message waits for its slot and during the call.
+        lease_s = max(budget(), 0.0) + c.settings.provider_timeout_s + 30
+        free, places = take_places(c, providers, usable, lease_s)
         if not free:  # every provider is at its max_concurrency: wait for one to free a place
             if budget() < 0:
                 raise Deferral(1.0)
@@ -312,16 +317,19 @@ def take_slot(
             reservation.slot_us,
             limits[reservation.index],
         )
+        if SHUTTING_DOWN.is_set():  # woken to stop: the slot goes back, the message with it
+            c.limiter.refund(slot.limits, slot.slot_us)
+            return None, Slot(1.0)
         if late <= c.settings.limiter_late_s:
-            break
+            return reservation.index, slot
         log.debug("%.1f ms after the slot; taking a fresh one", late * 1e3)
         on_late(reservation.index)
         c.limiter.refund(slot.limits, slot.slot_us)
-    return reservation.index, slot
+    return None, Slot(1.0)  # late every time: the machine is too busy now; the message comes back
 
 
-def _quietly(action: Callable[[], object]) -> None:
+def _quietly(action: Callable[..., object], *args: Any) -> None:
     try:
-        action()
+        action(*args)
     except Exception:  # best effort while a dependency is down
-        log.debug("best-effort action failed", exc_info=True)
+        log.warning("best-effort %s failed", getattr(action, "__name__", "action"), exc_info=True)
