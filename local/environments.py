@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import signal
 import threading
 import time
@@ -22,6 +23,7 @@ from typing import Any
 
 log = logging.getLogger("bridge")
 IDLE_S = 300.0
+LAMBDA_FILES = 1024
 SPARES = 1
 _ctx = multiprocessing.get_context("spawn")
 
@@ -33,6 +35,8 @@ class InvocationFailed(Exception):
 def _serve(conn: multiprocessing.connection.Connection, function: str, module: str) -> None:
     """The environment process: load the function once, then run one invocation at a time."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bridge decides when to stop
+    # Lambda's quota for an execution environment: 1,024 file descriptors.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LAMBDA_FILES, LAMBDA_FILES))
     from ai_rate_limiter.config import Settings
     from ai_rate_limiter.services.processing import SHUTTING_DOWN
 

@@ -334,12 +334,14 @@ class MemoryStore:
     def held_elsewhere(self, ids: Sequence[str]) -> list[Row]:
         now = self.clock.monotonic()
         return [
-            {"id": mid, "tenant_id": m.tenant_id, "queue_id": m.queue_id, "lease_left_s": m.lease_until - now}
+            {
+                "id": mid,
+                "tenant_id": m.tenant_id,
+                "queue_id": m.queue_id,
+                "lease_left_s": max((m.lease_until or now) - now, 0.0),
+            }
             for mid in dict.fromkeys(ids)
-            if (m := self.messages.get(mid)) is not None
-            and m.status == "processing"
-            and m.lease_until is not None
-            and m.lease_until >= now
+            if (m := self.messages.get(mid)) is not None and m.status == "processing"
         ]
 
     def _held(self, msg: ClaimedMessage) -> StoredMessage | None:

@@ -123,10 +123,10 @@ def run(stack: Stack, scale: float = 1.0) -> dict[str, Any]:
         "in_flight": scenario(stack, size(3000), 100, 1.0, {"latency_ms": 5000, "latency_dist": "uniform"}),
     }
     # A provider allowing 250 a second with 10 s answers: one worker holds at most
-    # WORKER_CONCURRENCY (1,000) requests in flight, 100 a second; it is the bound.
+    # WORKER_CONCURRENCY (600) requests in flight, 60 a second; it is the bound.
     workers: dict[str, Any] = {}
     for w in (1, 2, 4):
-        n = size({1: 3000, 2: 6000, 4: 7500}[w])
+        n = size({1: 1800, 2: 3600, 4: 7200}[w])
         workers[str(w)] = scenario(
             stack, n, 250, 1.0, {"latency_ms": 10_000, "latency_dist": "uniform"}, workers=w
         )

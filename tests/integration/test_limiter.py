@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 import redis
-from ai_rate_limiter.adapters.redis_limiter import RedisLimiter
+from ai_rate_limiter.adapters.redis_limiter import CALL_CONNECTIONS, RedisLimiter
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.domain.limits import Limit
 from ai_rate_limiter.errors import LimiterUnavailable
@@ -93,23 +93,33 @@ def test_free_providers_share_work_by_capacity_and_weight(container: Container) 
     assert weighted.count(0) > weighted.count(1)
 
 
-def test_each_thread_keeps_its_connection_and_recovers_when_it_drops(container: Container) -> None:
+def test_the_limiter_keeps_a_few_connections_and_recovers_when_one_drops(container: Container) -> None:
     lim, one = container.limiter, limit(1)
 
     def client_id() -> int:
         return int(lim._send(("CLIENT", "ID")))
 
     lim.reserve([[one]], 1)
-    mine = client_id()
-    other: list[int] = []
-    thread = threading.Thread(target=lambda: other.append(client_id()))
-    thread.start()
-    thread.join()
-    assert other and other[0] != mine  # one connection per thread, not one shared
-    assert client_id() == mine  # and kept between calls
-    lim.client.client_kill_filter(_id=mine)  # the server drops it
+    top = client_id()
+    assert client_id() == top  # kept between calls, not opened for each
+    seen: set[int] = set()
+    start = threading.Barrier(64)
+
+    def call() -> None:
+        start.wait()
+        for _ in range(20):
+            seen.add(client_id())
+
+    threads = [threading.Thread(target=call) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 1 <= len(seen) <= CALL_CONNECTIONS  # 64 threads at once share a few connections
+    top = client_id()
+    lim.client.client_kill_filter(_id=top)  # the server drops it
     assert lim.reserve([[one]], 1).reserved  # the next call reconnects
-    assert client_id() != mine
+    assert client_id() != top
 
 
 def test_the_script_is_loaded_again_if_redis_forgot_it(container: Container) -> None:
@@ -125,7 +135,8 @@ def test_a_call_whose_answer_was_lost_is_not_sent_again(
 ) -> None:
     lim, one = container.limiter, limit(100)
     assert lim.reserve([[one]], 10).wait_s < 0.05
-    conn = lim._connection()
+    with lim._connection() as conn:  # the one the next call takes: the top of the stack
+        pass
     real_read = conn.read_response
 
     def read_then_lose(*args: object, **kwargs: object) -> object:
@@ -141,15 +152,15 @@ def test_a_call_whose_answer_was_lost_is_not_sent_again(
     assert abs(lim.reserve([[one]], 10).wait_s - 0.2) < 0.05
 
 
-def test_more_threads_than_redis_pys_default_pool_hold_connections_at_once(container: Container) -> None:
+def test_many_more_threads_than_connections_reserve_at_once(container: Container) -> None:
     lim, one = container.limiter, limit(0.001)
-    threads = 150  # redis-py's pool holds 100 by default
+    threads = 150  # far more than CALL_CONNECTIONS
     all_in = threading.Barrier(threads)
     taken: list[bool] = []
 
     def reserve_and_stay() -> None:
         taken.append(lim.reserve([[one]], 10).reserved)
-        all_in.wait(timeout=30)  # every thread is alive, holding its connection
+        all_in.wait(timeout=30)  # every thread is alive at once
 
     workers = [threading.Thread(target=reserve_and_stay) for _ in range(threads)]
     for t in workers:

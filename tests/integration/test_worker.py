@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from ai_rate_limiter import bootstrap
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.domain import decisions
 from ai_rate_limiter.errors import DependencyUnavailable, LimiterUnavailable
@@ -289,18 +288,9 @@ def provider_from_key(container: Container, q: str) -> str:
     return provider_from_row(container.store.queue_providers(T, q)[0][0]).limiter_key
 
 
-def test_each_queue_keeps_its_own_threads(container: Container) -> None:
-    a, b = container.threads(T, "queue-a"), container.threads(T, "queue-b")
-    assert a is not b  # one queue's messages waiting for slots never hold another's threads
-    assert container.threads(T, "queue-a") is a  # kept from one event to the next
-
-
-def test_a_queue_without_work_lets_its_threads_go(
-    container: Container, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(bootstrap, "IDLE_THREADS_S", 0.0)
-    idle = container.threads(T, "queue-idle")
-    time.sleep(0.01)
-    container.threads(T, "queue-busy")
-    assert idle._shutdown  # ended once another queue's event came
-    assert container.threads(T, "queue-idle") is not idle  # new work gets new threads
+def test_the_process_keeps_one_set_of_threads_within_lambdas_quota(container: Container) -> None:
+    pool = container.threads()
+    assert container.threads() is pool  # kept from one invocation to the next
+    assert pool._max_workers == container.settings.worker_concurrency <= 1000  # 1,024 threads in all
+    container.close()
+    assert container.threads() is not pool  # a closed container starts new ones if used again

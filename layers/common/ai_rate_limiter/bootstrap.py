@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
@@ -19,13 +18,11 @@ from .config import Settings
 from .domain.names import BrokerNames, broker_names
 from .ports import SystemClock
 
-IDLE_THREADS_S = 300.0  # a queue's threads end after this long without work
-
 
 class Container:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._threads: dict[tuple[str, str], tuple[ThreadPoolExecutor, float]] = {}
+        self._pool: ThreadPoolExecutor | None = None
         self._threads_lock = threading.Lock()
 
     @cached_property
@@ -85,32 +82,22 @@ class Container:
     def webhooks(self) -> WebhookSender:
         return WebhookSender(http_client(self.settings.webhook_timeout_s, 10))
 
-    def threads(self, tenant_id: str, queue_id: str) -> ThreadPoolExecutor:
-        """The threads that process one queue's messages, kept from one event (and warm
-        invocation) to the next with the connections they hold. Each queue has its own, so
-        one queue's messages waiting for their slots never hold up another queue's; a queue's
-        threads end once it has had no work for IDLE_THREADS_S."""
-        now = time.monotonic()
+    def threads(self) -> ThreadPoolExecutor:
+        """The threads that process messages, up to WORKER_CONCURRENCY, kept from one invocation
+        to the next with the connections they hold. One set for the process: an execution
+        environment runs one invocation at a time and has 1,024 threads in all (Lambda's quota)."""
         with self._threads_lock:
-            for key, (pool, used) in list(self._threads.items()):
-                if now - used > IDLE_THREADS_S:
-                    del self._threads[key]
-                    pool.shutdown(wait=False)  # work already given to it still runs
-            kept = self._threads.get((tenant_id, queue_id))
-            if kept is None:
-                pool = ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="msg")
-            else:
-                pool = kept[0]
-            self._threads[(tenant_id, queue_id)] = (pool, now)
-            return pool
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="msg")
+            return self._pool
 
     def names(self, tenant_id: str, queue_id: str) -> BrokerNames:
         return broker_names(self.settings.broker_prefix, tenant_id, queue_id)
 
     def close(self) -> None:
         with self._threads_lock:
-            pools, self._threads = [pool for pool, _ in self._threads.values()], {}
-        for pool in pools:
+            pool, self._pool = self._pool, None
+        if pool is not None:
             pool.shutdown(wait=True)
         for name in ("db", "broker"):
             if name in self.__dict__:

@@ -29,7 +29,9 @@ class Settings:
     worker_batch_size: int = 1
     worker_batching_window_s: float = 0.0
     worker_timeout_s: float = 900.0  # Lambda's longest invocation
-    worker_concurrency: int = 1000  # requests one invocation holds in flight at most
+    # Requests one invocation holds in flight at most: a thread and a provider connection each,
+    # within a Lambda environment's 1,024 threads and 1,024 file descriptors.
+    worker_concurrency: int = 600
     worker_lookahead_s: float = 1.0  # take a message once its queue's next slot is this close
     worker_idle_s: float = 1.0  # an invocation with nothing to do for this long returns
     max_workers: int = 16  # `workers` a queue may ask for

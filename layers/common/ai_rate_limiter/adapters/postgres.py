@@ -455,15 +455,15 @@ class Store:
         ]
 
     def held_elsewhere(self, ids: Sequence[str]) -> list[Row]:
-        """Of `ids`, those another worker holds a live lease on, with the seconds it has left."""
+        """Of `ids`, those another worker holds, with the seconds its lease has left (0 for one
+        that ran out since the claim missed it: it comes back at once)."""
         if not ids:
             return []
         with self.db.tx() as cur:
             cur.execute(
                 """SELECT id::text, tenant_id, queue_id,
-                          extract(epoch FROM lease_until - now())::float AS lease_left_s
-                   FROM messages WHERE id = ANY(%s::uuid[]) AND status = 'processing'
-                     AND lease_until >= now()""",
+                          greatest(extract(epoch FROM lease_until - now()), 0)::float AS lease_left_s
+                   FROM messages WHERE id = ANY(%s::uuid[]) AND status = 'processing'""",
                 (list(ids),),
             )
             return [dict(r) for r in cur.fetchall()]

@@ -6,9 +6,9 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib.resources import files
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -18,7 +18,10 @@ from redis.retry import Retry
 from ..domain.limits import ClockOffset, Limit, Reservation
 from ..errors import LimiterUnavailable
 
-MAX_CONNECTIONS = 10_000  # Redis's own default limit of clients
+# An execution environment has 1,024 file descriptors for everything (Lambda's quota), and a
+# worker holds hundreds of provider connections: the limiter keeps to a few of its own.
+CALL_CONNECTIONS = 16  # for the scripts: each call holds one for about 0.1 ms
+POOL_CONNECTIONS = 64  # for blocking waits (a place under max_concurrency) and script loads
 
 
 def script(name: str) -> str:
@@ -27,19 +30,19 @@ def script(name: str) -> str:
 
 class RedisLimiter:
     def __init__(self, url: str) -> None:
-        self.client = redis.Redis.from_url(
+        pool = redis.BlockingConnectionPool.from_url(
             url,
+            max_connections=POOL_CONNECTIONS,
+            timeout=5,  # the longest a caller waits for a free connection
             socket_timeout=5,
             socket_connect_timeout=5,
             health_check_interval=30,
-            # Every thread that calls the limiter holds a connection while it lives (each queue's
-            # worker threads live between events): redis-py's default cap of 100 is too few.
-            max_connections=MAX_CONNECTIONS,
             # The pooled client's commands (blocking waits, script loads, health-check pings)
             # are tried once more, at once, on a connection the server dropped; none of them
             # moves a schedule. Timeouts are not retried: the call may have run.
             retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         )
+        self.client = redis.Redis(connection_pool=pool)
         self._reserve = self.client.register_script(script("reserve.lua"))
         self._push = self.client.register_script(script("push.lua"))
         self._refund = self.client.register_script(script("refund.lua"))
@@ -47,19 +50,32 @@ class RedisLimiter:
         self._pending: dict[str, int] = {}
         self._lock = threading.Lock()
         self._clock = ClockOffset()
-        self._local = threading.local()
+        self._idle: list[AbstractConnection] = []
+        self._free = threading.BoundedSemaphore(CALL_CONNECTIONS)
 
-    def _connection(self) -> AbstractConnection:
-        """This thread's own connection of the shared pool: taking a connection from redis-py's
-        pool and giving it back costs about as much as the script itself, so each thread keeps
-        one for the limiter's calls, held by a single-connection client that gives it back
-        when the thread ends."""
-        client: redis.Redis | None = getattr(self._local, "client", None)
-        if client is None:
-            client = redis.Redis(connection_pool=self.client.connection_pool, single_connection_client=True)
-            self._local.client = client
-        assert client.connection is not None, "held until the client is closed"
-        return client.connection
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[AbstractConnection]:
+        """One of CALL_CONNECTIONS kept for the scripts: taking a connection from redis-py's pool
+        and giving it back costs about as much as the script itself, so these are held apart,
+        in a plain stack. One that failed is closed before it is given back, and opens again on
+        its next use."""
+        if not self._free.acquire(timeout=5):
+            raise redis.ConnectionError("no limiter connection free for 5 s")
+        try:
+            with self._lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = cast(AbstractConnection, self.client.connection_pool.make_connection())
+            try:
+                yield conn
+            except BaseException:
+                conn.disconnect()
+                raise
+            finally:
+                with self._lock:
+                    self._idle.append(conn)
+        finally:
+            self._free.release()
 
     def reserve(
         self, candidates: Sequence[Sequence[Limit]], max_wait_s: float, weights: Sequence[float] = ()
@@ -110,17 +126,17 @@ class RedisLimiter:
         used. So a connection the server closed while idle is noticed before sending (as
         redis-py's pool checks the connections it hands out) and opened again, and only a
         failed write, which Redis never saw whole, is made once more on a new connection."""
-        conn = self._connection()
-        try:
-            if conn.can_read():  # data nobody asked for: start afresh
+        with self._connection() as conn:
+            try:
+                if conn.can_read():  # data nobody asked for: start afresh
+                    conn.disconnect()
+            except (redis.ConnectionError, OSError):  # closed by the server, or never opened
                 conn.disconnect()
-        except (redis.ConnectionError, OSError):  # closed by the server, or never opened
-            conn.disconnect()
-        try:
-            conn.send_command(*command)
-        except redis.ConnectionError:  # the failed write has closed the connection
-            conn.send_command(*command)
-        return conn.read_response()
+            try:
+                conn.send_command(*command)
+            except redis.ConnectionError:  # the failed write has closed the connection
+                conn.send_command(*command)
+            return conn.read_response()
 
     def settle(self, adjustments: dict[str, int]) -> None:
         """Move these keys' schedules by `delta_us` (negative gives time back) at once: time

@@ -96,6 +96,8 @@ class Invocation:
         if not ids:
             return
         claimed = self.c.store.claim(ids, lease_s=self.deadline.remaining() + 30)
+        for m in claimed:  # started first: whatever fails below, a claimed message is under way
+            self.start(m, None if tags is None else tags[m.id])
         got = {m.id for m in claimed}
         if len(got) < len(ids):
             parked = park_held(self.c, set(ids) - got)
@@ -105,8 +107,6 @@ class Invocation:
             for mid in set(ids) - got:
                 if tags is not None:
                     self.finished.put(tags[mid])
-        for m in claimed:
-            self.start(m, None if tags is None else tags[m.id])
 
     def providers_of(self, tenant: str, queue_id: str) -> list[Provider]:
         key = (tenant, queue_id)
@@ -147,7 +147,7 @@ class Invocation:
             finally:
                 ticket.done(completed)
 
-        self.futures.append(self.c.threads(*key).submit(run))
+        self.futures.append(self.c.threads().submit(run))
 
     def consume(self, name: str) -> None:
         """Go on taking messages from the broker queue `name` (and its sibling shards)."""
@@ -197,11 +197,13 @@ class Invocation:
                 else:
                     self.intake.wait(min(PUMP_S, s.worker_idle_s))
         finally:
-            while any(not f.done() for f in self.futures):
-                self.tick(reader, monitor)
-                wait(self.futures, timeout=PUMP_S)
-            self.tick(reader, monitor, final=True)
-            reader.close()
+            try:
+                while any(not f.done() for f in self.futures):
+                    self.tick(reader, monitor)
+                    wait(self.futures, timeout=PUMP_S)
+                self.tick(reader, monitor, final=True)
+            finally:  # what was not acked goes back to the broker now, not when the socket dies
+                reader.close()
 
     def read(self, reader: QueueReader) -> int:
         """Take what is waiting, up to MAX_TAKE while the intake has room; how many."""
