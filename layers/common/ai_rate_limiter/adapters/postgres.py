@@ -376,10 +376,10 @@ class Store:
             if batch is not None:
                 cur.execute(
                     """INSERT INTO batches (tenant_id, id, queue_id, total, webhook_url,
-                           webhook_event)
+                           webhook_event, webhook_secret)
                        VALUES (%(tenant)s, %(id)s, %(queue_id)s, %(total)s, %(webhook_url)s,
-                           %(webhook_event)s)""",
-                    {**batch, "tenant": tenant},
+                           %(webhook_event)s, %(webhook_secret)s)""",
+                    {"webhook_secret": None, **batch, "tenant": tenant},
                 )
             cur.copy_expert(
                 """COPY messages (tenant_id, id, queue_id, batch_id, seq, custom_id, request, metadata)
@@ -594,7 +594,9 @@ class Store:
     # -- webhooks ---------------------------------------------------------------------------
 
     def take_due_webhooks(self, limit: int, lease_s: float) -> list[Row]:
-        """Lease due webhook deliveries so that two sweepers never send the same one at once."""
+        """Lease due webhook deliveries so that two sweepers never send the same one at once.
+        Each take is a new attempt (`webhook_attempts` + 1): the number that fences its result.
+        The rows carry `webhook_secret`, for signing; it goes nowhere else."""
         with self.db.tx() as cur:
             cur.execute(
                 """UPDATE batches SET webhook_attempts = webhook_attempts + 1,
@@ -615,15 +617,20 @@ class Store:
             )
             return {r["status"]: r["n"] for r in cur.fetchall()}
 
-    def webhook_result(self, batch_id: str, status: str, error: str | None, retry_s: float) -> None:
+    def webhook_result(
+        self, batch_id: str, attempt: int, status: str, error: str | None, retry_s: float
+    ) -> bool:
+        """Record attempt `attempt`'s outcome; False (nothing written) when it is no longer the
+        latest attempt: its lease ran out and another sweeper has taken the delivery since."""
         with self.db.tx() as cur:
             cur.execute(
                 """UPDATE batches SET webhook_status = %s, webhook_last_error = %s,
                           webhook_next_at = CASE WHEN %s = 'pending'
                                 THEN now() + make_interval(secs => %s) END
-                   WHERE id = %s""",
-                (status, error, status, retry_s, batch_id),
+                   WHERE id = %s AND webhook_attempts = %s AND webhook_status = 'pending'""",
+                (status, error, status, retry_s, batch_id, attempt),
             )
+            return cur.rowcount == 1
 
     def ping(self) -> None:
         with self.db.tx() as cur:

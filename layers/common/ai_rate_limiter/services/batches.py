@@ -54,6 +54,7 @@ def progress(c: Container, tenant: str, batch_id: str) -> Row:
         "created_at": iso(b["created_at"]),
         "started_at": iso(b["started_at"]),
         "finished_at": iso(b["finished_at"]),
+        # Named fields only: never `webhook_secret`, which is shown once, when the batch is made.
         "webhook": None
         if not b["webhook_url"]
         else {

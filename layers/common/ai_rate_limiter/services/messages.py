@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ..adapters.webhooks import new_secret
 from ..bootstrap import Container
 from ..domain.models import ChatRequest
 from ..domain.schemas import BatchIn, MessageFields, MessageIn, parse
@@ -94,15 +95,27 @@ def _submit_batch(c: Container, tenant: str, body: dict[str, Any]) -> Row:
         rows = [
             message_row(batch_in.queue_id, m, batch_id, i, ids[i]) for i, m in enumerate(batch_in.messages)
         ]
+    # The webhook's signing secret is made here and shown once, in this answer; afterwards only
+    # the sweeper reads it (GET /batch shows the webhook without it).
+    secret = new_secret() if batch_in.webhook_url else None
     batch = {
         "id": batch_id,
         "queue_id": batch_in.queue_id,
         "total": len(rows),
         "webhook_url": batch_in.webhook_url,
         "webhook_event": batch_in.webhook_event if batch_in.webhook_url else None,
+        "webhook_secret": secret,
     }
     _store_and_publish(c, tenant, batch_in.queue_id, batch, rows)
-    return {"batch_id": batch_id, "total": len(rows), "status": "queued", "queue_id": batch_in.queue_id}
+    answer: Row = {
+        "batch_id": batch_id,
+        "total": len(rows),
+        "status": "queued",
+        "queue_id": batch_in.queue_id,
+    }
+    if secret is not None:
+        answer["webhook_secret"] = secret
+    return answer
 
 
 def _store_and_publish(c: Container, tenant: str, queue_id: str, batch: Row | None, rows: list[Row]) -> None:

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 
+from ..adapters.webhooks import Answer
 from ..bootstrap import Container
 from ..domain.backoff import backoff_s
 from .views import Row, all_counts, iso
 
 log = logging.getLogger(__name__)
+
+# A delivery is leased for its whole deadline plus this: taking it, building and signing the
+# body before it leaves, writing its result after. The sender cuts a delivery at its deadline,
+# so no delivery outlives its lease and another sweeper never sends the same one at once.
+LEASE_MARGIN_S = 10.0
+RESULT_MARGIN_S = 5.0  # of the margin, what is kept for writing the result
+PARALLEL = 10  # deliveries sent at once: the webhook client's connections (bootstrap)
+MAX_RETRY_S = 600.0
 
 
 def webhook_payload(c: Container, batch: Row) -> Row:
@@ -26,28 +38,73 @@ def webhook_payload(c: Container, batch: Row) -> Row:
     }
 
 
-def webhook_retry_s(attempts: int) -> float:
-    """2 s, 3 s, 5 s, 9 s ... up to 10 minutes between deliveries."""
-    return backoff_s(attempts, base=2.0, cap=600.0, rand=0.5) + 1.0
+def webhook_id(batch_id: str) -> str:
+    """The event's id, the same on every attempt: a receiver's idempotency key."""
+    return "msg_" + batch_id.replace("-", "")
+
+
+def webhook_retry_s(attempts: int, rand: float | None = None) -> float:
+    """Full jitter: after attempt n, uniformly 1 s to 1 s + min(599 s, 2^n s) (3 s, 5 s, 9 s ...
+    at most 10 minutes), so receivers that failed together are not retried together."""
+    return 1.0 + backoff_s(attempts, base=2.0, cap=MAX_RETRY_S - 1.0, rand=rand)
+
+
+def verdict(answer: Answer, attempts: int, max_attempts: int) -> tuple[str, str | None, float]:
+    """(webhook status, last error, seconds until the next attempt) for an answer to attempt n.
+    2xx: delivered. 410 Gone: the receiver wants no more, the endpoint is off. Anything else, a
+    timeout or no connection: again later, no sooner than the receiver's Retry-After."""
+    if answer.status is not None and 200 <= answer.status < 300:
+        return "delivered", None, 0.0
+    if answer.status == 410:
+        return "failed", "endpoint gone (410)", 0.0
+    if attempts >= max_attempts:
+        return "failed", answer.error, 0.0
+    delay = webhook_retry_s(attempts)
+    if answer.retry_after_s is not None:
+        delay = max(delay, min(answer.retry_after_s, MAX_RETRY_S))
+    return "pending", answer.error, delay
+
+
+def deliver(c: Container, batch: Row, leased_until: float) -> str:
+    """One attempt at one batch's webhook; its outcome: delivered, failed, pending or stale."""
+    s = c.settings
+    batch_id, attempt = str(batch["id"]), batch["webhook_attempts"]
+    body = json.dumps(webhook_payload(c, batch), separators=(",", ":"), default=str).encode()
+    # Batches stored before signing existed have no secret: theirs go out unsigned.
+    secrets = [batch["webhook_secret"]] if batch.get("webhook_secret") else []
+    deadline_s = min(s.webhook_timeout_s, leased_until - time.monotonic() - RESULT_MARGIN_S)
+    if deadline_s > 0:
+        answer = c.webhooks.send(batch["webhook_url"], webhook_id(batch_id), body, secrets, deadline_s)
+    else:
+        answer = Answer(None, "the lease ran out before the delivery could leave")
+    status, error, retry_s = verdict(answer, attempt, s.webhook_max_attempts)
+    if not c.store.webhook_result(batch_id, attempt, status, error, retry_s):
+        log.warning("webhook for batch %s: attempt %d ended after its lease; not recorded", batch_id, attempt)
+        return "stale"
+    if status == "failed":
+        log.warning("webhook for batch %s failed for good: %s", batch_id, error)
+    return status
 
 
 def deliver_webhooks(c: Container, limit: int = 20) -> dict[str, int]:
+    """Up to `limit` due deliveries, PARALLEL at a time, each round leased just before it is sent."""
     s = c.settings
-    sent = failed = retrying = 0
-    for batch in c.store.take_due_webhooks(limit, lease_s=s.webhook_timeout_s * 2 + 5):
-        error = c.webhooks.send(batch["webhook_url"], webhook_payload(c, batch))
-        attempts = batch["webhook_attempts"]
-        if error is None:
-            c.store.webhook_result(str(batch["id"]), "delivered", None, 0)
-            sent += 1
-        elif attempts >= s.webhook_max_attempts:
-            log.warning("webhook for batch %s failed for good: %s", batch["id"], error)
-            c.store.webhook_result(str(batch["id"]), "failed", error, 0)
-            failed += 1
-        else:
-            c.store.webhook_result(str(batch["id"]), "pending", error, webhook_retry_s(attempts))
-            retrying += 1
-    return {"webhooks_sent": sent, "webhooks_failed": failed, "webhooks_retrying": retrying}
+    lease_s = s.webhook_timeout_s + LEASE_MARGIN_S
+    outcomes: list[str] = []
+    while len(outcomes) < limit:
+        leased_until = time.monotonic() + lease_s  # before the lease is taken: never later than it
+        wanted = min(PARALLEL, limit - len(outcomes))
+        due = c.store.take_due_webhooks(wanted, lease_s=lease_s)
+        if due:
+            with ThreadPoolExecutor(len(due), thread_name_prefix="webhook") as pool:
+                outcomes += pool.map(deliver, [c] * len(due), due, [leased_until] * len(due))
+        if len(due) < wanted:
+            break
+    return {
+        "webhooks_sent": outcomes.count("delivered"),
+        "webhooks_failed": outcomes.count("failed"),
+        "webhooks_retrying": outcomes.count("pending"),
+    }
 
 
 def sweep(c: Container) -> dict[str, int]:
