@@ -76,6 +76,32 @@ def test_publishing_to_a_missing_queue_is_not_silently_dropped(container: Contai
     container.broker.ping()  # the shared channel recovered
 
 
+def test_a_long_delay_does_not_hold_back_a_short_one(container: Container) -> None:
+    names = container.names("default", declare(container))
+    container.broker.publish_delayed(names, b'{"much": "later"}', 600)
+    container.broker.publish_delayed(names, b'{"soon": true}', 0.5)
+    assert container.broker.ready(names.delay_for(600)) == 1
+    conn, ch = channel(container)
+    try:
+        deadline, body = time.monotonic() + 5, None
+        while body is None and time.monotonic() < deadline:
+            body = ch.basic_get(names.main, auto_ack=True)[2]  # type: ignore[attr-defined]
+            time.sleep(0.05)
+        assert body == b'{"soon": true}'  # back within its second, not after the 600 s one
+    finally:
+        conn.close()
+
+
+def test_delays_round_up_to_a_delay_queue() -> None:
+    from ai_rate_limiter.domain.names import broker_names
+
+    names = broker_names("airl", "default", "q")
+    assert names.delay_for(0.2) == names.delay_for(1) == "airl.default.q.delay.1s"
+    assert names.delay_for(1.5) == "airl.default.q.delay.5s"
+    assert names.delay_for(931) == "airl.default.q.delay.1800s"
+    assert names.delay_for(99_999) == "airl.default.q.delay.1800s"  # the longest, then again
+
+
 def test_delayed_messages_come_back_to_the_main_queue(container: Container) -> None:
     names = container.names("default", declare(container))
     container.broker.publish_delayed(names, b'{"later": true}', 0.3)
@@ -92,10 +118,10 @@ def test_delayed_messages_come_back_to_the_main_queue(container: Container) -> N
         conn.close()
 
 
-def test_deleting_removes_all_three_queues(container: Container) -> None:
+def test_deleting_removes_every_queue_of_it(container: Container) -> None:
     names = container.names("default", declare(container))
     container.broker.delete(names)
-    for name in (names.main, names.delay, names.dead_letter):
+    for name in (names.main, names.delay, *(n for _, n in names.delays()), names.dead_letter):
         conn, ch = channel(container)
         with pytest.raises(pika.exceptions.ChannelClosedByBroker):
             ch.queue_declare(name, passive=True)  # type: ignore[attr-defined]

@@ -82,7 +82,7 @@ def test_a_slow_limit_leaves_its_backlog_in_the_broker(container: Container, fak
     assert 2 <= result["completed"] <= 5 and set(result) == {"completed"}
     names = container.names(T, q)
     assert container.broker.ready(names.main) == 20 - result["completed"]
-    assert container.broker.ready(names.delay) == 0
+    assert sum(container.broker.ready(name) for _, name in names.delays()) == 0
     counts = queues.get(container, T, q)["counts"]
     assert counts["queued"] == 20 - result["completed"] and counts["processing"] == 0
 
@@ -254,3 +254,18 @@ def test_the_queue_service_keeps_the_event_source_mappings_in_step(
         queues.update(container, T, queue_id, {"workers": 1})
         queues.delete(container, T, queue_id)
         stub.assert_no_pending_responses()
+
+
+def test_what_is_left_in_retired_shards_goes_to_the_main_queue(
+    container: Container, fake: FakeProvider
+) -> None:
+    from ai_rate_limiter.services.shards import fold_retired
+
+    q = make_queue(container, fake.url)
+    queues.update(container, T, q, {"workers": 3})
+    messages.submit(container, T, {"queue_id": q, "messages": [{"prompt": f"p{i}"} for i in range(30)]})
+    queues.update(container, T, q, {"workers": 1})
+    names = container.names(T, q)
+    assert fold_retired(container) == 20
+    assert [container.broker.ready(s) for s in names.shards(3)] == [30, 0, 0]
+    assert fold_retired(container) == 0

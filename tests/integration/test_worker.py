@@ -34,9 +34,8 @@ def submit(c: Container, queue_id: str, *prompts: str) -> list[str]:
 
 
 def parked(c: Container, queue_id: str) -> int:
-    """Messages waiting in the queue's delay queue."""
-    delay = c.names(T, queue_id).delay
-    return int(c.broker._run(lambda ch: ch.queue_declare(delay, passive=True)).method.message_count)
+    """Messages waiting in the queue's delay queues."""
+    return sum(c.broker.ready(name) for _, name in c.names(T, queue_id).delays())
 
 
 def run(c: Container, queue_id: str, n: int) -> dict[str, int]:

@@ -26,6 +26,14 @@ PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type="application/jso
 RECOVERABLE: tuple[type[BaseException], ...] = (pika.exceptions.AMQPError, OSError)
 
 
+def delay_arguments(names: BrokerNames, seconds: int) -> dict[str, Any]:
+    return {
+        "x-message-ttl": seconds * 1000,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": names.main,
+    }
+
+
 def vhost_of(url: str) -> str:
     return unquote(urlsplit(url).path.lstrip("/")) or "/"
 
@@ -148,6 +156,7 @@ class Broker:
         self._lock = threading.Lock()
         self._conn: pika.BlockingConnection | None = None
         self._chan: BlockingChannel | None = None
+        self._declared: set[str] = set()  # delay queues known to exist
 
     def _channel(self) -> BlockingChannel:
         if self._chan is None or not self._chan.is_open:
@@ -193,22 +202,43 @@ class Broker:
                     },
                 )
             ch.queue_declare(
-                names.delay,
+                names.delay,  # per-message delays, as queues made before the ones below used
                 durable=True,
                 arguments={
                     "x-dead-letter-exchange": "",
                     "x-dead-letter-routing-key": names.main,
                 },
             )
+            for seconds, name in names.delays():
+                ch.queue_declare(name, durable=True, arguments=delay_arguments(names, seconds))
 
         self._run(op)
 
     def delete(self, names: BrokerNames, shards: int = 1) -> None:
         def op(ch: BlockingChannel) -> None:
-            for name in (*names.shards(shards), names.delay, names.dead_letter):
+            delays = [name for _, name in names.delays()]
+            for name in (*names.shards(shards), names.delay, *delays, names.dead_letter):
                 ch.queue_delete(name)
+                self._declared.discard(name)
 
         self._run(op)
+
+    def move(self, source: str, target: str, limit: int) -> int:
+        """Move up to `limit` waiting messages from `source` to `target` (each confirmed in
+        `target` before it is acked in `source`); how many."""
+
+        def op(ch: BlockingChannel) -> int:
+            moved = 0
+            while moved < limit:
+                method, props, body = ch.basic_get(source, auto_ack=False)
+                if method is None:
+                    break
+                ch.basic_publish("", target, body, props, mandatory=True)
+                ch.basic_ack(method.delivery_tag)
+                moved += 1
+            return moved
+
+        return self._run(op)
 
     def ready(self, queue: str) -> int:
         """Messages waiting in `queue` (not yet delivered)."""
@@ -227,13 +257,23 @@ class Broker:
         self._run(op)
 
     def publish_delayed(self, names: BrokerNames, body: bytes, delay_s: float) -> None:
-        """Park a message in the delay queue; it dead-letters back to the main queue."""
-        props = pika.BasicProperties(
-            delivery_mode=2,
-            content_type="application/json",
-            expiration=str(max(int(delay_s * 1000), 1)),
-        )
-        self._run(lambda ch: ch.basic_publish("", names.delay, body, props, mandatory=True))
+        """Park a message in the delay queue for `delay_s` (rounded up to one of the delay
+        queues); it dead-letters back to the main queue. A queue made before the delay queues
+        existed gets them declared on first use."""
+        queue = names.delay_for(delay_s)
+
+        def op(ch: BlockingChannel) -> None:
+            if queue not in self._declared:
+                seconds = next(s for s, n in names.delays() if n == queue)
+                ch.queue_declare(queue, durable=True, arguments=delay_arguments(names, seconds))
+                self._declared.add(queue)
+            try:
+                ch.basic_publish("", queue, body, PERSISTENT, mandatory=True)
+            except pika.exceptions.UnroutableError:
+                self._declared.discard(queue)  # deleted since: declared again next time
+                raise
+
+        self._run(op)
 
     def ping(self) -> None:
         self._run(lambda ch: None)

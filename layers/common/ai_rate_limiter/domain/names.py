@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DELAY_BUCKETS_S = (1, 5, 30, 120, 600, 1800)
+
 
 @dataclass(frozen=True)
 class BrokerNames:
@@ -17,6 +19,18 @@ class BrokerNames:
 
     def shards(self, n: int) -> list[str]:
         return [self.shard(i) for i in range(n)]
+
+    def delays(self) -> list[tuple[int, str]]:
+        """(seconds, name) of the delay queues: each holds its messages for as long as its name
+        says and then gives them back to the main queue. One delay per queue keeps them in order
+        of expiry, so none waits behind a longer one (as in one queue of per-message delays,
+        where a message expires only once it reaches the head)."""
+        return [(s, f"{self.delay}.{s}s") for s in DELAY_BUCKETS_S]
+
+    def delay_for(self, seconds: float) -> str:
+        """The delay queue for a wait of `seconds`: the shortest that is as long (the longest
+        for more: the message comes back sooner and waits again)."""
+        return next((name for s, name in self.delays() if s >= seconds), self.delays()[-1][1])
 
 
 def broker_names(prefix: str, tenant_id: str, queue_id: str) -> BrokerNames:
