@@ -8,7 +8,6 @@ recorded in Postgres. Only an unreachable dependency raises, so the batch is del
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from ..errors import (
     ProviderError,
     RateLimited,
 )
-from ..ports import SYSTEM_CLOCK, Clock, WorkerPorts
+from ..ports import SHUTTING_DOWN, SYSTEM_CLOCK, Clock, WorkerPorts
 from . import dispatch
 from .intake import Ticket
 
@@ -36,9 +35,6 @@ MAX_LATE_WAKEUPS = 5
 LIMITER_RETRY_S = 5.0  # how long a message waits when Redis is unreachable
 
 
-# Set when the execution environment is being shut down (locally, on SIGTERM): work that has
-# not been sent is handed back to the queue at once, and calls already out are waited for.
-SHUTTING_DOWN = threading.Event()
 
 
 @dataclass(frozen=True)
