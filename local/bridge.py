@@ -173,16 +173,19 @@ class Bridge:
             for q in c.store.queue_workers()
             for shard in c.names(q["tenant_id"], q["queue_id"]).shards(q["workers"])
         }
+        for name in list(self.consumers):
+            consumer = self.consumers[name]
+            if not consumer.is_alive():
+                del self.consumers[name]
+            elif name not in wanted:
+                consumer.stop()  # kept until its invocation has returned: one at a time per mapping
+            elif consumer.stopping.is_set():
+                consumer.stopping.clear()  # wanted again before it had stopped: it goes on
         for name in sorted(wanted - set(self.consumers)):
             consumer = QueueConsumer(self.settings, name, self.environments)
             self.consumers[name] = consumer
             consumer.start()
             log.info("consuming %s", name)
-        for name in list(self.consumers):
-            consumer = self.consumers[name]
-            if name not in wanted or not consumer.is_alive():
-                consumer.stop()
-                del self.consumers[name]
         self.environments.reap()
 
     def sweep_forever(self) -> None:
