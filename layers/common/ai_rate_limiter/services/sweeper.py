@@ -1,4 +1,5 @@
-"""The scheduled sweep: finish batches whose messages are all done, deliver due webhooks."""
+"""The scheduled sweep: finish batches whose messages are all done, move what is left in retired
+shards to the main queue, deliver due webhooks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..adapters.webhooks import Answer
 from ..bootstrap import Container
 from ..domain.backoff import backoff_s
+from . import shards
 from .views import Row, all_counts, iso
 
 log = logging.getLogger(__name__)
@@ -109,4 +111,5 @@ def deliver_webhooks(c: Container, limit: int = 20) -> dict[str, int]:
 
 def sweep(c: Container) -> dict[str, int]:
     finished = sum(c.store.finish_batch_if_done(b) for b in c.store.unfinished_batches())
-    return {"batches_finished": finished, **deliver_webhooks(c)}
+    moved = shards.fold_retired(c)
+    return {"batches_finished": finished, "moved_from_retired_shards": moved, **deliver_webhooks(c)}
