@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,6 +112,8 @@ def report(results: dict[str, Any]) -> str:
 
 
 def main() -> int:
+    # SIGTERM ends the run as Ctrl-C does, so the stack it started is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     quick = "--quick" in sys.argv
     only = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")), "")
     results: dict[str, Any] = {
