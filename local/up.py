@@ -91,6 +91,11 @@ def main() -> int:
     applied = migrate(s.database_url)
     print(f"database ready ({len(applied)} migration(s) applied)", flush=True)
     fake = f"http://{s.api_host}:{s.fake_provider_port}"
+    # The egress guard lets requests reach only public https hosts and EGRESS_ALLOW's entries:
+    # unless it is set, exactly the local fake provider, for every process started below.
+    if not os.environ.get("EGRESS_ALLOW"):
+        os.environ["EGRESS_ALLOW"] = f"{s.api_host}:{s.fake_provider_port}"
+    print(f"egress allowed past the guard: {os.environ['EGRESS_ALLOW']} (EGRESS_ALLOW)", flush=True)
     procs = [
         spawn(
             "local.fake_provider",

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -48,12 +49,26 @@ def services() -> None:
         pytest.fail(f"required services unreachable: {down}")
 
 
+CLOSED_PORT = "127.0.0.1:9"  # where the tests find nothing listening
+
+
+def egress_allow(*urls: str) -> str:
+    """EGRESS_ALLOW for the tests' own local servers at these URLs, and the closed port."""
+    return ",".join([*(urlsplit(u).netloc for u in urls), CLOSED_PORT])
+
+
 @pytest.fixture(scope="session")
-def settings(services: None) -> Settings:
-    s = base_settings()
+def settings(services: None, fake_server: FakeProvider, receiver_server: Receiver) -> Iterator[Settings]:
+    """The tests' settings: the egress guard lets through the fake provider, the webhook
+    receiver and the closed port, here and in the processes tests start (the bridge's
+    execution environments read EGRESS_ALLOW from the environment)."""
+    allow = egress_allow(fake_server.url, receiver_server.url)
+    s = base_settings(egress_allow=allow)
     ensure_database(s.database_url)
     migrate(s.database_url)
-    return s
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("EGRESS_ALLOW", allow)
+        yield s
 
 
 @pytest.fixture()
@@ -122,9 +137,19 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def reset(self, failures: int) -> None:
+        self.failures, self.received = failures, []
 
-@pytest.fixture()
-def receiver() -> Iterator[Receiver]:
+
+@pytest.fixture(scope="session")
+def receiver_server() -> Iterator[Receiver]:
+    """One receiver for the session, on the port EGRESS_ALLOW names."""
     r = Receiver(failures=2)
     yield r
     r.server.shutdown()
+
+
+@pytest.fixture()
+def receiver(receiver_server: Receiver) -> Receiver:
+    receiver_server.reset(failures=2)
+    return receiver_server

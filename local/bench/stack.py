@@ -124,6 +124,7 @@ def running_stack(bridge: bool = True, **overrides: str) -> Iterator[Stack]:
         "BROKER_PREFIX": settings.broker_prefix,
         "API_PORT": str(settings.api_port),
         "FAKE_PROVIDER_PORT": str(settings.fake_provider_port),
+        "EGRESS_ALLOW": f"127.0.0.1:{settings.fake_provider_port}",  # the fake, past the egress guard
         "LOG_LEVEL": "ERROR",
         **overrides,
     }

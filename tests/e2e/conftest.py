@@ -20,7 +20,7 @@ from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.config import Settings
 
 from local.fresh import drop_broker_queues, fresh_state
-from tests.conftest import base_settings
+from tests.conftest import Receiver, base_settings, egress_allow
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,6 +41,7 @@ def stack_env(settings: Settings, **extra: str) -> dict[str, str]:
         "BROKER_PREFIX": settings.broker_prefix,
         "API_PORT": str(settings.api_port),
         "FAKE_PROVIDER_PORT": str(settings.fake_provider_port),
+        "EGRESS_ALLOW": settings.egress_allow,
         "LOG_LEVEL": "WARNING",
         **extra,
     }
@@ -75,12 +76,14 @@ def wait_until(check: Callable[[], Any], timeout: float, every: float = 0.25) ->
 
 
 @pytest.fixture(scope="session")
-def stack(services: None) -> Iterator[Stack]:
+def stack(services: None, receiver_server: Receiver) -> Iterator[Stack]:
+    fake_port = free_port()
     settings = base_settings(
         database_url=base_settings().database_url.replace("_test", "_e2e"),
         redis_url="redis://127.0.0.1:6379/14",
         api_port=free_port(),
-        fake_provider_port=free_port(),
+        fake_provider_port=fake_port,
+        egress_allow=egress_allow(f"http://127.0.0.1:{fake_port}", receiver_server.url),
     )
     c = fresh_state(Container(settings))
     log = Path(tempfile.mkstemp(prefix="airl-e2e-", suffix=".log")[1])

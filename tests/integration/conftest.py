@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import pika
+import pytest
 from ai_rate_limiter.adapters.rabbitmq import connection_parameters
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.domain.rmq_event import basic_properties, build_event
@@ -30,6 +33,17 @@ def make_queue(c: Container, fake_url: str, *providers: dict[str, Any]) -> str:
         specs.append(spec)
     queues.create(c, c.settings.default_tenant, {"queue_id": queue_id, "providers": specs})
     return queue_id
+
+
+def allow_egress(c: Container, monkeypatch: pytest.MonkeyPatch, *urls: str) -> None:
+    """Let the egress guard through to these URLs' `host:port` too, for this test: for a local
+    server of its own on a random port (the session's fake and receiver are already allowed).
+    Clients already built keep their allowlist, so they are dropped to be built again."""
+    extra = ",".join(urlsplit(u).netloc for u in urls)
+    allow = f"{c.settings.egress_allow},{extra}" if c.settings.egress_allow else extra
+    monkeypatch.setattr(c, "settings", replace(c.settings, egress_allow=allow))
+    for built in ("providers", "webhooks"):
+        c.__dict__.pop(built, None)
 
 
 def take_event(c: Container, queue_id: str, n: int, timeout: float = 5.0) -> dict[str, Any]:

@@ -69,9 +69,11 @@ class Container:
 
     @cached_property
     def providers(self) -> ProviderGateway:
-        timeout = self.settings.provider_timeout_s
+        timeout, allow = self.settings.provider_timeout_s, self.settings.egress_allow
         return ProviderGateway(
-            lambda n: sdk_http_client(timeout, n), timeout, max_connections=self.settings.worker_concurrency
+            lambda n: sdk_http_client(timeout, n, allow),
+            timeout,
+            max_connections=self.settings.worker_concurrency,
         )
 
     @cached_property
@@ -80,7 +82,7 @@ class Container:
 
     @cached_property
     def webhooks(self) -> WebhookSender:
-        return WebhookSender(http_client(self.settings.webhook_timeout_s, 10))
+        return WebhookSender(http_client(self.settings.webhook_timeout_s, 10, self.settings.egress_allow))
 
     def threads(self) -> ThreadPoolExecutor:
         """The threads that process messages, up to WORKER_CONCURRENCY, kept from one invocation

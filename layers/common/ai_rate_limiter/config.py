@@ -60,6 +60,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024 * 1024
     page_size: int = 1000
     max_page_size: int = 10_000
+    egress_allow: str = ""  # EGRESS_ALLOW: `host:port` entries past the egress guard (adapters/egress.py)
     log_level: str = "INFO"
 
     @classmethod

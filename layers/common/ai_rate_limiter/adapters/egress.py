@@ -1,25 +1,46 @@
-"""Every outbound HTTP request leaves through a client made here.
+"""Every outbound HTTP request leaves through a client made here, and through its guard.
 
 Our own requests (webhooks) use `httpx`; the provider SDKs require their `httpx2` fork, which has
-the same API. Both get the same timeouts, pool limits and redirect policy from one function.
+the same API. Both get the same timeouts, pool limits, redirect policy and egress guard here.
+
+The guard (every URL a tenant supplies is untrusted): a request goes out only over `https` to a
+host whose every address is public, or to an `EGRESS_ALLOW` entry (`host:port`, then also over
+`http`, to any address). It lives in each client's transport: the connection pool under it opens
+its connections through a network backend that resolves the name once, checks every address
+and connects to a checked one, while TLS still verifies the certificate for the name. So no
+code path can skip it, and a name that resolves to something else the second time (DNS
+rebinding) cannot slip past. Redirects are not followed, and no proxy from the environment is
+used (a proxy would resolve the name itself).
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
+import re
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
+import anthropic
 import certifi
+import httpcore
+import httpcore2
 import httpx
 import httpx2
 
+from ..errors import ProviderRejected, ValidationFailed
+
 USER_AGENT = "ai-rate-limiter/0.1"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Allow = frozenset[tuple[str, int]]
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass
@@ -58,22 +79,336 @@ def tls_context() -> ssl.SSLContext:
     return ssl.create_default_context(cafile=certifi.where())
 
 
-def _client(lib: ModuleType, timeout_s: float, max_connections: int, hooks: bool = False) -> Any:
-    return lib.Client(
-        verify=tls_context(),
-        timeout=lib.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
-        limits=lib.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        headers={"user-agent": USER_AGENT},
-        follow_redirects=False,
-        event_hooks={"request": [_check_departure]} if hooks else None,
+# --- the rules ---------------------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """The guard's verdict on a destination: its text says why ("10.0.0.5 is a private address")."""
+
+
+class EgressRefused(ProviderRejected, anthropic.AnthropicError):
+    """A provider request the guard stopped: permanent, and not a connection failure to retry.
+    It is also an `AnthropicError` because the Anthropic SDK passes its own errors on as they
+    are (any other exception from the transport becomes its `APIConnectionError`); the OpenAI
+    SDK passes on whatever is not an `httpx2` error."""
+
+
+@functools.cache
+def allowlist(text: str) -> Allow:
+    """`EGRESS_ALLOW`: comma-separated `host:port` entries (IPv6 as `[::1]:8600`), lower-cased.
+    A host is matched as written: `localhost:8600` does not allow `127.0.0.1:8600`."""
+    entries: set[tuple[str, int]] = set()
+    for raw in text.split(","):
+        entry = raw.strip().lower()
+        if not entry:
+            continue
+        host, _, port = entry.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            host = ""  # an IPv6 address needs its brackets
+        if not host or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"EGRESS_ALLOW: {raw.strip()!r} is not host:port")
+        entries.add((host, int(port)))
+    return frozenset(entries)
+
+
+_RFC_1918 = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
+_CGNAT = ipaddress.IPv4Network("100.64.0.0/10")
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+_UNIQUE_LOCAL = ipaddress.IPv6Network("fc00::/7")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052's well-known prefix
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for: IPv4-mapped (`::ffff:a.b.c.d`), NAT64
+    (`64:ff9b::a.b.c.d`) or 6to4 (`2002:AABB:CCDD::`); None for any other."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+    return ip.sixtofour
+
+
+def kind(ip: IPAddress) -> str | None:
+    """Why no request may go to `ip` ("a private address"); None for a public address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = embedded_ipv4(ip)
+        if inner is not None:
+            inner_kind = kind(inner)
+            return None if inner_kind is None else f"{inner_kind} (it embeds {inner})"
+    checks: list[tuple[bool, str]] = [
+        (ip.is_unspecified, "an unspecified address"),
+        (ip.is_loopback, "a loopback address"),
+        (ip.is_link_local, "a link-local address"),
+        (any(ip in n for n in _RFC_1918) if ip.version == 4 else False, "a private address"),
+        (ip in _UNIQUE_LOCAL if ip.version == 6 else False, "a unique-local address"),
+        (ip.is_site_local if isinstance(ip, ipaddress.IPv6Address) else False, "a site-local address"),
+        (ip in _CGNAT if ip.version == 4 else False, "a shared (CGNAT) address"),
+        (ip.is_multicast, "a multicast address"),
+        (ip == _BROADCAST, "a broadcast address"),
+        (ip.is_reserved, "a reserved address"),
+        (not ip.is_global, "a special-use address"),
+    ]
+    return next((text for hit, text in checks if hit), None)
+
+
+# inet_aton's spellings of an IPv4 address: 1 to 4 parts, each decimal, octal (0...) or hex (0x...)
+_NUMERIC_IPV4 = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)(?:\.(?:0x[0-9a-f]*|[0-9]+)){0,3}", re.IGNORECASE)
+
+
+def literal(host: str) -> IPAddress | None:
+    """The address a host written as one means, in every spelling the C resolver accepts
+    (`2852039166`, `0xa9fea9fe`, `0251.0376.0251.0376`, `[::ffff:169.254.169.254]`); None for
+    a name."""
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    if _NUMERIC_IPV4.fullmatch(host):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def _as_written(host: str, ip: IPAddress, reason: str) -> str:
+    """`10.0.0.5 is a private address`; an unusual spelling also gets its usual one."""
+    try:
+        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return f"{host} is {ip}, {reason}"
+    return f"{host} is {reason}"
+
+
+def lookup(host: str, port: int) -> list[str]:
+    """The name's addresses from the system resolver: the one lookup a connection makes."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def vetted(host: str, port: int) -> list[IPAddress]:
+    """The host's addresses, every one of them public; else `Refused` naming the first that is
+    not. A failed lookup raises `OSError`."""
+    ip = literal(host)
+    if ip is not None:
+        reason = kind(ip)
+        if reason is not None:
+            raise Refused(_as_written(host, ip, reason))
+        return [ip]
+    addresses = [ipaddress.ip_address(a) for a in lookup(host, port)]
+    if not addresses:
+        raise socket.gaierror(f"{host} has no address")
+    for ip in addresses:
+        reason = kind(ip)
+        if reason is not None:
+            raise Refused(f"{host} resolves to {ip}, {reason}")
+    return addresses
+
+
+def screen(scheme: str, host: str, port: int | None, allow: Allow) -> int:
+    """What can be refused before any lookup: the scheme, and a host that is an address. The
+    port the request goes to."""
+    scheme = scheme.lower()
+    port = port or DEFAULT_PORTS.get(scheme)
+    if port is None:
+        raise Refused(f"{scheme}: is not https")
+    if (host.lower(), port) in allow and scheme in DEFAULT_PORTS:
+        return port
+    ip = literal(host)
+    reason = None if ip is None else kind(ip)
+    if ip is not None and reason is not None:
+        raise Refused(_as_written(host, ip, reason))
+    if scheme != "https":
+        raise Refused(f"{scheme}://{host}:{port} is not https (http only to an EGRESS_ALLOW entry)")
+    return port
+
+
+def check_destination(url: str, allow: str, field: str) -> None:
+    """The registration-time check of a URL a tenant gives (the same rules as at connection):
+    `ValidationFailed` naming `field` if no request could go there."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError as exc:
+        problem = f"is not a valid URL ({exc})"
+    else:
+        try:
+            port = screen(parts.scheme, host, port, allowlist(allow))
+            if (host, port) not in allowlist(allow):
+                vetted(host, port)
+            return
+        except Refused as exc:
+            problem = f"egress refused: {exc}"
+        except OSError:
+            problem = f"{host} does not resolve"
+    raise ValidationFailed(f"{field}: {problem}", errors=[{"field": field, "message": problem}])
+
+
+# --- the transports ----------------------------------------------------------------------------
+
+Stream = TypeVar("Stream")
+
+
+def _pinned(
+    connect: Callable[[str], Stream],
+    host: str,
+    port: int,
+    allow: Allow,
+    errors: tuple[type[Exception], ...],
+) -> Stream:
+    """Connect to `host`: an allowed entry as it is, any other host at one of its vetted
+    addresses, tried in the resolver's order (as `socket.create_connection` does)."""
+    if (host, port) in allow:
+        return connect(host)
+    try:
+        addresses = vetted(host, port)
+    except OSError as exc:
+        raise errors[0](f"{host}: {exc}") from exc
+    last: Exception | None = None
+    for ip in addresses:
+        try:
+            return connect(str(ip))
+        except errors as exc:
+            last = exc
+    assert last is not None
+    raise last
+
+
+class PinnedBackend(httpcore.NetworkBackend):
+    """httpcore's network backend (under `httpx`) connecting only to vetted addresses."""
+
+    def __init__(self, allow: Allow) -> None:
+        self.allow = allow
+        self.inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        return _pinned(
+            lambda address: self.inner.connect_tcp(address, port, timeout, local_address, socket_options),
+            host,
+            port,
+            self.allow,
+            (httpcore.ConnectError, httpcore.ConnectTimeout),
+        )
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.NetworkStream:
+        raise Refused("a unix socket is no destination")
+
+    def sleep(self, seconds: float) -> None:
+        self.inner.sleep(seconds)
+
+
+class PinnedBackend2(httpcore2.NetworkBackend):
+    """The same for httpcore2 (under `httpx2`, the SDKs' client)."""
+
+    def __init__(self, allow: Allow) -> None:
+        self.allow = allow
+        self.inner = httpcore2.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore2.NetworkStream:
+        return _pinned(
+            lambda address: self.inner.connect_tcp(address, port, timeout, local_address, socket_options),
+            host,
+            port,
+            self.allow,
+            (httpcore2.ConnectError, httpcore2.ConnectTimeout),
+        )
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore2.NetworkStream:
+        raise Refused("a unix socket is no destination")
+
+    def sleep(self, seconds: float) -> None:
+        self.inner.sleep(seconds)
+
+
+class GuardedTransport(httpx.HTTPTransport):
+    """`httpx`'s transport on a pool that connects through `PinnedBackend`; a refusal is an
+    `httpx.ConnectError` ("egress refused: ..."), which the webhook sender records."""
+
+    def __init__(self, allow: Allow, limits: httpx.Limits) -> None:
+        super().__init__(verify=tls_context(), limits=limits, trust_env=False)
+        self.allow = allow
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=tls_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=PinnedBackend(allow),
+        )
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        try:
+            screen(url.scheme, url.raw_host.decode("ascii"), url.port, self.allow)
+            return super().handle_request(request)
+        except Refused as exc:
+            raise httpx.ConnectError(f"egress refused: {exc}", request=request) from None
+
+
+class GuardedTransport2(httpx2.HTTPTransport):
+    """`httpx2`'s transport on a pool that connects through `PinnedBackend2`; a refusal is an
+    `EgressRefused` (a permanent provider error)."""
+
+    def __init__(self, allow: Allow, limits: httpx2.Limits) -> None:
+        super().__init__(verify=tls_context(), limits=limits, trust_env=False)
+        self.allow = allow
+        self._pool = httpcore2.ConnectionPool(
+            ssl_context=tls_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=PinnedBackend2(allow),
+        )
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        url = request.url
+        try:
+            screen(url.scheme, url.raw_host.decode("ascii"), url.port, self.allow)
+            return super().handle_request(request)
+        except Refused as exc:
+            raise EgressRefused(f"egress refused: {exc}") from None
+
+
+def _options(lib: Any, timeout_s: float) -> dict[str, Any]:
+    return {
+        "timeout": lib.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+        "headers": {"user-agent": USER_AGENT},
+        "follow_redirects": False,
+        "trust_env": False,  # no proxy from the environment: it would resolve names itself
+    }
+
+
+def http_client(timeout_s: float, max_connections: int = 100, allow: str = "") -> httpx.Client:
+    """Our own client (webhooks); `allow`: the `EGRESS_ALLOW` setting."""
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    return httpx.Client(transport=GuardedTransport(allowlist(allow), limits), **_options(httpx, timeout_s))
+
+
+def sdk_http_client(timeout_s: float, max_connections: int = 100, allow: str = "") -> httpx2.Client:
+    """The SDKs' client; `allow`: the `EGRESS_ALLOW` setting."""
+    limits = httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    return httpx2.Client(
+        transport=GuardedTransport2(allowlist(allow), limits),
+        event_hooks={"request": [_check_departure]},
+        **_options(httpx2, timeout_s),
     )
-
-
-def http_client(timeout_s: float, max_connections: int = 100) -> httpx.Client:
-    client: httpx.Client = _client(httpx, timeout_s, max_connections)
-    return client
-
-
-def sdk_http_client(timeout_s: float, max_connections: int = 100) -> httpx2.Client:
-    client: httpx2.Client = _client(httpx2, timeout_s, max_connections, hooks=True)
-    return client

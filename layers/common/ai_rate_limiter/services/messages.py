@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ..adapters.egress import check_destination
 from ..adapters.webhooks import new_secret
 from ..bootstrap import Container
 from ..domain.models import ChatRequest
@@ -90,6 +91,8 @@ def _submit_batch(c: Container, tenant: str, body: dict[str, Any]) -> Row:
         )
     with collection_paused():
         batch_in = parse(BatchIn, body)
+        if batch_in.webhook_url is not None:  # checked again at every delivery
+            check_destination(batch_in.webhook_url, c.settings.egress_allow, "webhook_url")
         batch_id = str(uuid.uuid4())
         ids = new_ids(len(batch_in.messages))
         rows = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from ..adapters.egress import check_destination
 from ..adapters.postgres import stored_api_key
 from ..bootstrap import Container
 from ..domain.schemas import ProviderIn, ProviderPatch, parse
@@ -26,6 +27,13 @@ def provider_row(p: ProviderIn) -> Row:
     }
 
 
+def check_endpoint(c: Container, endpoint: str | None, field: str = "config.endpoint") -> None:
+    """A given endpoint passes the egress guard now (and again at every connection): a 422
+    naming `field` otherwise. None: the provider type's public endpoint."""
+    if endpoint is not None:
+        check_destination(endpoint, c.settings.egress_allow, field)
+
+
 def checked_id(value: str, kind: str) -> str:
     """Ids in paths are UUIDs; anything else cannot name a record."""
     try:
@@ -35,7 +43,9 @@ def checked_id(value: str, kind: str) -> str:
 
 
 def create(c: Container, tenant: str, body: Any) -> Row:
-    row = provider_row(parse(ProviderIn, body))
+    p = parse(ProviderIn, body)
+    check_endpoint(c, p.config.endpoint)
+    row = provider_row(p)
     return provider_view(c.store.create_provider(tenant, row))
 
 
@@ -64,7 +74,10 @@ def update(c: Container, tenant: str, provider_id: str, body: Any) -> Row:
         **{k: v for k, v in patch.items() if k != "config"},
         "config": {**current["config"], **(patch.get("config") or {})},
     }
-    full = provider_row(parse(ProviderIn, merged))
+    checked = parse(ProviderIn, merged)
+    if "endpoint" in (patch.get("config") or {}):
+        check_endpoint(c, checked.config.endpoint)
+    full = provider_row(checked)
     changes = {
         k: full[k]
         for k in (

@@ -19,10 +19,11 @@ def create(c: Container, tenant: str, body: Any) -> Row:
     check_workers(c, q.workers)
     new_rows: list[Row] = []
     links: list[Row] = []
-    for p in q.providers:
+    for i, p in enumerate(q.providers):
         if isinstance(p, ProviderRef):
             links.append({"provider_id": providers.checked_id(p.provider_id, "provider"), "weight": p.weight})
         else:
+            providers.check_endpoint(c, p.config.endpoint, f"providers.{i}.config.endpoint")
             row = providers.provider_row(p)
             new_rows.append(row)
             links.append({"provider_id": row["id"], "weight": 1.0})
