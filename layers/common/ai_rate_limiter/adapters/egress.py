@@ -61,15 +61,27 @@ def departing(departure: Departure | None) -> None:
     _departures.current = departure
 
 
+SEND_STARTED = ("http11.send_request_headers.started", "http2.send_request_headers.started")
+
+
 def _check_departure(request: Any) -> None:
-    """The last step before a request goes to the transport: on its time, or not at all."""
+    """A request keeps to its departure at the last step before its bytes go out: once it has
+    a connection (from the pool, or opened and through TLS), as it starts writing its headers
+    (an httpcore trace event); one that would leave later is not written at all."""
     departure: Departure | None = getattr(_departures, "current", None)
     if departure is None:
         return
-    now = time.monotonic()
-    if now > departure.leave_by:
-        raise departure.on_late(now - departure.leave_by)
-    departure.sent_at = now
+    if time.monotonic() > departure.leave_by:  # already late: no connection is taken for it
+        raise departure.on_late(time.monotonic() - departure.leave_by)
+
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event in SEND_STARTED:
+            now = time.monotonic()
+            if now > departure.leave_by:
+                raise departure.on_late(now - departure.leave_by)
+            departure.sent_at = now
+
+    request.extensions["trace"] = trace
 
 
 @functools.cache

@@ -1,0 +1,48 @@
+"""A request keeps to its departure at the last step before its bytes go out: after it has a
+connection, not before (waiting for a pooled connection or opening one takes time)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from urllib.parse import urlsplit
+
+import pytest
+from ai_rate_limiter.adapters.egress import Departure, departing, sdk_http_client
+from ai_rate_limiter.errors import LateForSlot
+
+from tests.conftest import FakeProvider
+
+
+def late(s: float) -> LateForSlot:
+    return LateForSlot(f"{s * 1e3:.1f} ms late")
+
+
+def test_a_request_that_waited_for_a_connection_past_its_time_is_not_sent(fake: FakeProvider) -> None:
+    fake.configure(latency_ms=300, jitter_ms=0)
+    client = sdk_http_client(10, max_connections=1, allow=urlsplit(fake.url).netloc)
+    url = f"{fake.url}/v1/chat/completions"
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    headers = {"authorization": "Bearer sk-departure-test"}
+    first = threading.Thread(target=lambda: client.post(url, json=body, headers=headers))
+    first.start()  # holds the only connection for 300 ms
+    time.sleep(0.05)
+    departure = Departure(leave_by=time.monotonic() + 0.05, on_late=late)
+    departing(departure)
+    try:
+        with pytest.raises(LateForSlot):
+            client.post(url, json=body, headers=headers)  # on time at the hook, late at the wire
+    finally:
+        departing(None)
+        first.join()
+    assert departure.sent_at is None
+    assert fake.stats()["total"]["requests"] == 1  # the late one never reached the provider
+    # On time, it is sent and says when it left.
+    departure = Departure(leave_by=time.monotonic() + 1.0, on_late=late)
+    departing(departure)
+    try:
+        assert client.post(url, json=body, headers=headers).status_code == 200
+    finally:
+        departing(None)
+    assert departure.sent_at is not None and departure.sent_at <= departure.leave_by
+    client.close()
