@@ -17,12 +17,15 @@ import time
 from pathlib import Path
 
 import httpx
+from ai_rate_limiter.adapters.secrets_box import from_settings, new_secret
 from ai_rate_limiter.config import Settings
+from ai_rate_limiter.errors import AppError
 from ai_rate_limiter.migrate import ensure_database, migrate
 
 from local.services_check import report
 
 ROOT = Path(__file__).resolve().parents[1]
+KEY_FILE = ROOT / ".local" / "provider-key-secrets"  # git-ignored
 
 
 def spawn(module: str, *args: str) -> subprocess.Popen[bytes]:
@@ -31,6 +34,26 @@ def spawn(module: str, *args: str) -> subprocess.Popen[bytes]:
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
     }
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env)
+
+
+def provider_keys() -> str:
+    """What provider API keys are sealed with: the environment's PROVIDER_KEY_SECRETS or KMS
+    settings when set; otherwise a key this checkout's first run makes and keeps in KEY_FILE,
+    put in the environment of every process started here."""
+    if any(os.environ.get(k) for k in ("PROVIDER_KEY_SECRETS", "KMS_DATA_KEY", "KMS_KEY_ID")):
+        return "the key(s) configured in the environment"
+    KEY_FILE.parent.mkdir(mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        made = False
+    else:
+        with os.fdopen(fd, "w") as out:
+            out.write(new_secret() + "\n")
+        made = True
+    os.environ["PROVIDER_KEY_SECRETS"] = KEY_FILE.read_text().strip()
+    note = " (made now: keep it, the stored keys open only with it)" if made else ""
+    return f"PROVIDER_KEY_SECRETS from {KEY_FILE.relative_to(ROOT)}{note}"
 
 
 def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> bool:
@@ -84,7 +107,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="run the whole service locally")
     parser.add_argument("--fake-latency-ms", default=os.environ.get("FAKE_LATENCY_MS", "200"))
     args = parser.parse_args()
+    keys = provider_keys()
     s = Settings.from_env()
+    try:
+        from_settings(s)  # no key store, no service: a key is never stored unencrypted
+    except AppError as exc:
+        print(exc.detail, file=sys.stderr)
+        return 1
+    print(f"provider API keys sealed with {keys}", flush=True)
     if not report(s):
         return 1
     ensure_database(s.database_url)

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from ai_rate_limiter.adapters.secrets_box import new_secret
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.config import Settings
 from ai_rate_limiter.migrate import ensure_database, migrate
@@ -24,6 +25,10 @@ from ai_rate_limiter.migrate import ensure_database, migrate
 from local import fake_provider
 from local.fresh import drop_broker_queues, fresh_state
 from local.services_check import unreachable
+
+# Provider keys are sealed in the tests as everywhere: one secret for the whole run, which the
+# processes the tests start get too (e2e's stack_env).
+PROVIDER_KEY_SECRETS = new_secret()
 
 
 def base_settings(**overrides: Any) -> Settings:
@@ -38,8 +43,18 @@ def base_settings(**overrides: Any) -> Settings:
         "PROVIDER_TIMEOUT_S": "10",
         "WEBHOOK_TIMEOUT_S": "3",
         "WORKER_IDLE_S": "0.2",
+        "PROVIDER_KEY_SECRETS": PROVIDER_KEY_SECRETS,
     }
     return replace(Settings.from_env(env), **overrides)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def provider_key_secrets() -> Iterator[None]:
+    """Processes the tests start (the bridge's execution environments) seal and open provider
+    keys with the tests' secret too: they read it from the environment."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("PROVIDER_KEY_SECRETS", PROVIDER_KEY_SECRETS)
+        yield
 
 
 @pytest.fixture(scope="session")

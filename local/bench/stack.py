@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
+from ai_rate_limiter.adapters.secrets_box import new_secret
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.config import Settings
 
@@ -114,6 +115,7 @@ def running_stack(bridge: bool = True, **overrides: str) -> Iterator[Stack]:
             "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/ai_rate_limiter_bench",
             "REDIS_URL": "redis://127.0.0.1:6379/12",
             "BROKER_PREFIX": "airlbench",
+            "PROVIDER_KEY_SECRETS": new_secret(),  # the run's own: its database starts empty
         }
     )
     settings = replace(base, api_port=free_port(), fake_provider_port=free_port())
@@ -125,6 +127,7 @@ def running_stack(bridge: bool = True, **overrides: str) -> Iterator[Stack]:
         "API_PORT": str(settings.api_port),
         "FAKE_PROVIDER_PORT": str(settings.fake_provider_port),
         "EGRESS_ALLOW": f"127.0.0.1:{settings.fake_provider_port}",  # the fake, past the egress guard
+        "PROVIDER_KEY_SECRETS": settings.provider_key_secrets,
         "LOG_LEVEL": "ERROR",
         **overrides,
     }

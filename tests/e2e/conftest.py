@@ -42,6 +42,7 @@ def stack_env(settings: Settings, **extra: str) -> dict[str, str]:
         "API_PORT": str(settings.api_port),
         "FAKE_PROVIDER_PORT": str(settings.fake_provider_port),
         "EGRESS_ALLOW": settings.egress_allow,
+        "PROVIDER_KEY_SECRETS": settings.provider_key_secrets,  # the stack opens the tests' keys
         "LOG_LEVEL": "WARNING",
         **extra,
     }

@@ -13,10 +13,12 @@ from .adapters.postgres import Database, Store
 from .adapters.providers import ProviderGateway
 from .adapters.rabbitmq import Broker, QueueReader, vhost_of
 from .adapters.redis_limiter import RedisLimiter
+from .adapters.secrets_box import SecretBox, from_settings, use
 from .adapters.webhooks import WebhookSender
 from .config import Settings
 from .domain.names import BrokerNames, broker_names
 from .ports import SystemClock
+from .rotate_keys import seal_unsealed
 
 
 class Container:
@@ -30,7 +32,17 @@ class Container:
         return Database(self.settings.database_url, maxconn=self.settings.db_pool_size)
 
     @cached_property
+    def keys(self) -> SecretBox:
+        """What seals and opens provider API keys, built from Settings once per process (in
+        the cloud: KMS Decrypt once per cold start). Built with the store, which reads and
+        writes keys through it; on the way, keys stored before encryption are sealed."""
+        box = use(from_settings(self.settings))
+        seal_unsealed(self.db, box)
+        return box
+
+    @cached_property
     def store(self) -> Store:
+        self.keys  # noqa: B018  (no store without the box its keys are sealed with)
         return Store(self.db)
 
     @cached_property

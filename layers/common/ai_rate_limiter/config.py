@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,13 @@ class Settings:
     fake_provider_port: int = 8600
     public_base_url: str = ""
     admin_api_key: str = ""
+    # Provider API keys at rest (adapters/secrets_box.py). Locally: Fernet keys, comma-separated,
+    # the first encrypts and all decrypt. In the cloud: KMS_DATA_KEY, data keys made by KMS
+    # GenerateDataKey under KMS_KEY_ID, as their base64 ciphertexts (comma-separated, the first
+    # encrypts), opened with KMS Decrypt once per cold start. Neither: the AWS emulator.
+    provider_key_secrets: str = field(default="", repr=False)  # never in a repr or a log line
+    kms_key_id: str = ""
+    kms_data_key: str = field(default="", repr=False)
     default_tenant: str = "default"
     broker_prefix: str = "airl"
     # Worker and event-source mapping (Lambda's BatchSize / MaximumBatchingWindowInSeconds). An

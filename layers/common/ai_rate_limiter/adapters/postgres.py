@@ -20,6 +20,7 @@ import psycopg2.extras
 
 from ..domain.models import ChatRequest, ClaimedMessage, Provider, ProviderResult, ProviderType
 from ..errors import Conflict, DependencyUnavailable, NotFound
+from . import secrets_box
 
 log = logging.getLogger(__name__)
 Row = dict[str, Any]
@@ -122,8 +123,14 @@ def copy_rows(tenant: str, rows: Sequence[Row]) -> io.StringIO:
 
 
 def stored_api_key(row: Row) -> str:
-    """The one place a stored provider key is read (decryption at rest belongs here)."""
-    return str(row["api_key"])
+    """The one place a stored provider key is read: opened from its sealed form
+    (`secrets_box.KeyUnreadable`, a 503, if no configured data key opens it). A key stored
+    before keys were encrypted is read as it is: Postgres takes no new ones, and every
+    process seals them as it starts."""
+    stored = str(row["api_key"])
+    if not secrets_box.is_sealed(stored):
+        return stored
+    return secrets_box.current().open(str(row["id"]), stored)
 
 
 def provider_from_row(row: Row, weight: float = 1.0) -> Provider:
@@ -153,13 +160,15 @@ class Store:
 
     @staticmethod
     def _insert_provider(cur: Cursor, tenant: str, row: Row) -> Row:
+        """The provider's key is stored sealed, never as given."""
+        sealed = secrets_box.current().seal(str(row["id"]), row["api_key"])
         cur.execute(
             f"""INSERT INTO providers (tenant_id, id, name, provider_type, api_key, request_limit,
                    time_window, token_limit, max_concurrency, config)
                 VALUES (%(tenant)s, %(id)s, %(name)s, %(provider_type)s, %(api_key)s, %(limit)s,
                    %(time_window)s, %(token_limit)s, %(max_concurrency)s, %(config)s)
                 RETURNING {PROVIDER_COLUMNS}""",
-            {**row, "tenant": tenant, "config": psycopg2.extras.Json(row["config"])},
+            {**row, "api_key": sealed, "tenant": tenant, "config": psycopg2.extras.Json(row["config"])},
         )
         return dict(cur.fetchone())
 
@@ -187,6 +196,8 @@ class Store:
         return dict(row)
 
     def update_provider(self, tenant: str, provider_id: str, changes: Row) -> Row:
+        if "api_key" in changes:  # stored sealed, never as given
+            changes = {**changes, "api_key": secrets_box.current().seal(provider_id, changes["api_key"])}
         sets = ", ".join(f"{col} = %({col})s" for col in changes)
         params = {k: psycopg2.extras.Json(v) if k == "config" else v for k, v in changes.items()}
         with self.db.tx() as cur:

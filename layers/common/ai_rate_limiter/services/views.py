@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from ..adapters.postgres import stored_api_key
-from ..domain.models import Status, mask_key
+from ..adapters.secrets_box import masked
+from ..domain.models import Status
 
 Row = dict[str, Any]
 
@@ -20,7 +20,7 @@ def provider_view(row: Row, weight: float | None = None) -> Row:
         "provider_id": str(row["id"]),
         "provider_name": row["name"],
         "provider_type": row["provider_type"],
-        "api_key": mask_key(stored_api_key(row)),
+        "api_key": masked(row["api_key"]),  # the stored tail: the key is not opened
         "limit": row["request_limit"],
         "time_window": row["time_window"],
         "token_limit": row["token_limit"],
