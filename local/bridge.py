@@ -222,7 +222,8 @@ def main() -> None:
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s bridge %(levelname)s %(message)s")
     logging.getLogger("pika").setLevel(logging.ERROR)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2"):  # their debug lines carry headers
+        logging.getLogger(name).setLevel(logging.WARNING)
     bridge = Bridge(settings, sweeper=not args.no_sweeper)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: bridge.stopping.set())

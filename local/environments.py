@@ -46,7 +46,8 @@ def _serve(conn: multiprocessing.connection.Connection, function: str, module: s
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format=f"%(asctime)s {function} %(levelname)s %(message)s")
     logging.getLogger("pika").setLevel(logging.ERROR)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in ("httpx", "httpx2", "httpcore", "httpcore2"):  # their debug lines carry headers
+        logging.getLogger(name).setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, lambda *_: SHUTTING_DOWN.set())
     handler = load(function, module).handler
     conn.send(("ready", os.getpid()))

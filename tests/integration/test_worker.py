@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from ai_rate_limiter.adapters.postgres import stored_api_key
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.domain import decisions
 from ai_rate_limiter.errors import DependencyUnavailable, LimiterUnavailable
@@ -140,7 +141,7 @@ def test_a_429_holds_every_worker_until_the_reset_and_costs_no_attempt(
 ) -> None:
     """The fake provider allows 1 request per second but our provider claims 100/s."""
     q = make_queue(container, fake.url, {"limit": 100})
-    key = container.store.queue_providers(T, q)[0][0]["api_key"]
+    key = stored_api_key(container.store.queue_providers(T, q)[0][0])
     fake.configure(keys={key: {"limit": 1, "window": 1.0}})
     started = time.monotonic()
     ids = submit(container, q, "a", "b")
@@ -152,7 +153,7 @@ def test_a_429_holds_every_worker_until_the_reset_and_costs_no_attempt(
 
 def test_headers_saying_nothing_is_left_avoid_the_429(container: Container, fake: FakeProvider) -> None:
     q = make_queue(container, fake.url, {"limit": 100})
-    key = container.store.queue_providers(T, q)[0][0]["api_key"]
+    key = stored_api_key(container.store.queue_providers(T, q)[0][0])
     fake.configure(keys={key: {"limit": 2, "window": 1.0}})
     submit(container, q, "a", "b")
     assert run(container, q, 2)["completed"] == 2  # the second answer says: 0 left, reset in ~1 s
@@ -167,7 +168,7 @@ def test_a_provider_out_of_quota_is_stopped_and_reported(container: Container, f
     from ai_rate_limiter.services import health
 
     q = make_queue(container, fake.url)
-    key = container.store.queue_providers(T, q)[0][0]["api_key"]
+    key = stored_api_key(container.store.queue_providers(T, q)[0][0])
     fake.configure(keys={key: {"quota_exhausted": True}})
     [first, second] = submit(container, q, "a", "b")
     run(container, q, 2)
@@ -255,7 +256,7 @@ def test_a_token_limit_paces_by_tokens_and_settles_with_reported_usage(
             "config": {"endpoint": fake.url, "max_tokens": 40},
         },
     )
-    key = container.store.queue_providers(T, q)[0][0]["api_key"]
+    key = stored_api_key(container.store.queue_providers(T, q)[0][0])
     fake.configure(keys={key: {"limit": 1000, "window": 1.0, "token_limit": 600}})
     started = time.monotonic()
     ids = submit(container, q, *[f"Tell me something short about the number {i}" for i in range(30)])
@@ -272,7 +273,7 @@ def test_a_token_limit_paces_by_tokens_and_settles_with_reported_usage(
 def test_max_concurrency_caps_requests_in_flight(container: Container, fake: FakeProvider) -> None:
     fake.configure(latency_ms=100, jitter_ms=0)
     q = make_queue(container, fake.url, {"provider_type": "deepseek", "max_concurrency": 2})
-    key = container.store.queue_providers(T, q)[0][0]["api_key"]
+    key = stored_api_key(container.store.queue_providers(T, q)[0][0])
     submit(container, q, *[f"p{i}" for i in range(8)])
     started = time.monotonic()
     assert run(container, q, 8)["completed"] == 8

@@ -35,8 +35,6 @@ MAX_LATE_WAKEUPS = 5
 LIMITER_RETRY_S = 5.0  # how long a message waits when Redis is unreachable
 
 
-
-
 @dataclass(frozen=True)
 class Deadline:
     at: float  # on `clock`
