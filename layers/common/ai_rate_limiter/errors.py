@@ -86,3 +86,7 @@ class LateForSlot(ProviderError):
     """The request would have left too long after its slot: it was not sent."""
 
     retryable = True
+
+    def __init__(self, detail: str, late_s: float = 0.0) -> None:
+        super().__init__(detail)
+        self.late_s = late_s  # how long after its slot it would have left

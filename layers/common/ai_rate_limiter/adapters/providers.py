@@ -109,6 +109,8 @@ class ProviderGateway:
                 made.close()
         built = self._build(p, http)
         with self._lock:
+            for old in [k for k in self._clients if k[0] == p.id and k[1] != p.version]:
+                del self._clients[old]  # a provider changed (a new key, say): its old clients go
             return self._clients.setdefault(key, built)
 
     def _build(self, p: Provider, http: httpx2.Client) -> Any:

@@ -146,10 +146,14 @@ class Ticket:
         """The guard to pace this message's providers with (see `limits.guard_s`)."""
         return guard_s(floor_s, late_s, self.intake.departure_p99() if self.intake else None)
 
-    def held_back(self, provider_id: str) -> None:
+    def held_back(self, provider_id: str, late_s: float) -> None:
+        """A request that would have left `late_s` after its slot was not sent. Its lateness
+        counts towards the guard as a departure's would: the delays the departure check cuts
+        off are the ones that say how late this machine wakes things up."""
         if self.intake is not None:
             with self.intake._cond:
                 self.intake._figures(provider_id).late += 1
+                self.intake.delays.append(late_s)
 
     def rate_limited(self, provider_id: str) -> None:
         if self.intake is not None:

@@ -67,7 +67,7 @@ class Slot:
 
 
 def late_error(late_s: float) -> LateForSlot:
-    return LateForSlot(f"the request would have left {late_s * 1e3:.1f} ms after its slot")
+    return LateForSlot(f"the request would have left {late_s * 1e3:.1f} ms after its slot", late_s)
 
 
 def process(
@@ -143,8 +143,8 @@ def attempt_until_done(
         provider = plan.providers[index]
         try:
             result = c.providers.call(provider, m.request, departure)
-        except LateForSlot:
-            ticket.held_back(provider.id)
+        except LateForSlot as exc:
+            ticket.held_back(provider.id, exc.late_s)
             c.limiter.refund(departure.slot.limits, departure.slot.slot_us)
             continue  # nothing was sent: a fresh slot
         except ProviderError as exc:
@@ -230,7 +230,7 @@ def take_provider(
                 [plan.limits[i] for i in free],
                 budget,
                 [providers[i].weight for i in free],
-                lambda i, free=free: ticket.held_back(providers[free[i]].id),  # type: ignore[misc]
+                lambda i, late, free=free: ticket.held_back(providers[free[i]].id, late),  # type: ignore[misc]
             )
             if chosen is not None:
                 ticket.slot(slot.latest, slot.waited_s, providers[free[chosen]].id)
@@ -240,7 +240,9 @@ def take_provider(
             raise Deferral(slot.wait_s)
         index = free[chosen]
         departure = SlotDeparture(
-            leave_by=slot.earliest + c.settings.limiter_late_s, on_late=late_error, slot=slot
+            leave_by=slot.earliest + c.settings.limiter_late_s,
+            on_late=lambda over: late_error(over + c.settings.limiter_late_s),  # from the slot
+            slot=slot,
         )
         return index, departure, places.get(index)
 
@@ -283,7 +285,7 @@ def take_slot(
     limits: list[list[Limit]],
     max_wait: Callable[[], float],
     weights: Sequence[float] = (),
-    on_late: Callable[[int], None] = lambda index: None,
+    on_late: Callable[[int, float], None] = lambda index, late_s: None,
 ) -> tuple[int | None, Slot]:
     """Reserve the soonest slot and sleep until it: (candidate index, the slot), or (None, how
     long until one could start) when no slot starts in time.
@@ -317,7 +319,7 @@ def take_slot(
         if late <= c.settings.limiter_late_s:
             return reservation.index, slot
         log.debug("%.1f ms after the slot; taking a fresh one", late * 1e3)
-        on_late(reservation.index)
+        on_late(reservation.index, late)
         c.limiter.refund(slot.limits, slot.slot_us)
     return None, Slot(1.0)  # late every time: the machine is too busy now; the message comes back
 

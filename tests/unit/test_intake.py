@@ -1,0 +1,39 @@
+"""When an invocation takes its next message, and what it measures for the guard."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from ai_rate_limiter.services.intake import GUARD_MIN_SAMPLES, Intake
+
+
+def test_one_message_waits_for_a_first_slot_until_two_slots_tell_the_spacing() -> None:
+    intake = Intake(lookahead_s=1.0, max_in_flight=100)
+    assert intake.room_in(now=0.0) == 0
+    first = intake.ticket()
+    assert intake.room_in(now=0.0) == math.inf  # one waits for its slot: no second yet
+    first.slot(at=0.0, waited_s=0.0, provider_id="p")
+    second = intake.ticket()
+    second.slot(at=0.025, waited_s=0.025, provider_id="p")  # 40 a second
+    assert intake.room_in(now=0.0, taking=30) == 0  # 1 s of slots at that spacing may wait
+    assert intake.room_in(now=0.0, taking=40) == math.inf
+
+
+def test_slots_far_apart_let_the_backlog_wait_in_the_broker() -> None:
+    intake = Intake(lookahead_s=1.0, max_in_flight=100)
+    for at in (0.0, 3.6):  # 1,000 an hour
+        t = intake.ticket()
+        t.slot(at=at, waited_s=at, provider_id="p")
+    assert intake.room_in(now=0.0) == pytest.approx(2.6)  # not before the last slot is 1 s away
+    assert intake.next_slot_after(5.0)  # the next one may start after 5 s: near the end, ask first
+
+
+def test_late_requests_held_back_count_towards_the_guard() -> None:
+    intake = Intake(lookahead_s=1.0, max_in_flight=100)
+    ticket = intake.ticket()
+    assert ticket.guard_s(0.03, 0.02) == 0.03  # nothing measured: the floor
+    for _ in range(GUARD_MIN_SAMPLES):
+        ticket.held_back("p", 0.08)  # cut off by the departure check, but measured
+    intake._p99 = (-math.inf, None)  # computed afresh
+    assert ticket.guard_s(0.03, 0.02) == pytest.approx(0.02 + 1.5 * 0.08)
