@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -289,116 +290,74 @@ def _pinned(
     raise last
 
 
-class PinnedBackend(httpcore.NetworkBackend):
-    """httpcore's network backend (under `httpx`) connecting only to vetted addresses."""
+def _pinned_backend(core: ModuleType) -> Any:
+    """httpcore's network backend connecting only to vetted addresses, for `core`: httpcore
+    (under `httpx`) or httpcore2 (under `httpx2`, the SDKs' client), which have the same API."""
 
-    def __init__(self, allow: Allow) -> None:
-        self.allow = allow
-        self.inner = httpcore.SyncBackend()
+    class PinnedBackend(core.NetworkBackend):  # type: ignore[name-defined]
+        def __init__(self, allow: Allow) -> None:
+            self.allow = allow
+            self.inner = core.SyncBackend()
 
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.NetworkStream:
-        return _pinned(
-            lambda address: self.inner.connect_tcp(address, port, timeout, local_address, socket_options),
-            host,
-            port,
-            self.allow,
-            (httpcore.ConnectError, httpcore.ConnectTimeout),
-        )
+        def connect_tcp(
+            self,
+            host: str,
+            port: int,
+            timeout: float | None = None,
+            local_address: str | None = None,
+            socket_options: Iterable[Any] | None = None,
+        ) -> Any:
+            return _pinned(
+                lambda address: self.inner.connect_tcp(address, port, timeout, local_address, socket_options),
+                host,
+                port,
+                self.allow,
+                (core.ConnectError, core.ConnectTimeout),
+            )
 
-    def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.NetworkStream:
-        raise Refused("a unix socket is no destination")
+        def connect_unix_socket(
+            self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+        ) -> Any:
+            raise Refused("a unix socket is no destination")
 
-    def sleep(self, seconds: float) -> None:
-        self.inner.sleep(seconds)
+        def sleep(self, seconds: float) -> None:
+            self.inner.sleep(seconds)
 
-
-class PinnedBackend2(httpcore2.NetworkBackend):
-    """The same for httpcore2 (under `httpx2`, the SDKs' client)."""
-
-    def __init__(self, allow: Allow) -> None:
-        self.allow = allow
-        self.inner = httpcore2.SyncBackend()
-
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore2.NetworkStream:
-        return _pinned(
-            lambda address: self.inner.connect_tcp(address, port, timeout, local_address, socket_options),
-            host,
-            port,
-            self.allow,
-            (httpcore2.ConnectError, httpcore2.ConnectTimeout),
-        )
-
-    def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore2.NetworkStream:
-        raise Refused("a unix socket is no destination")
-
-    def sleep(self, seconds: float) -> None:
-        self.inner.sleep(seconds)
+    return PinnedBackend
 
 
-class GuardedTransport(httpx.HTTPTransport):
-    """`httpx`'s transport on a pool that connects through `PinnedBackend`; a refusal is an
-    `httpx.ConnectError` ("egress refused: ..."), which the webhook sender records."""
+def _guarded_transport(lib: ModuleType, core: ModuleType, refused: Callable[[str, Any], Exception]) -> Any:
+    """`lib`'s transport on a pool of `core` that connects through the pinned backend, screening
+    each request first; a refusal is raised as `refused(message, request)` makes it."""
+    backend = _pinned_backend(core)
 
-    def __init__(self, allow: Allow, limits: httpx.Limits) -> None:
-        super().__init__(verify=tls_context(), limits=limits, trust_env=False)
-        self.allow = allow
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=tls_context(),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=PinnedBackend(allow),
-        )
+    class GuardedTransport(lib.HTTPTransport):  # type: ignore[name-defined]
+        def __init__(self, allow: Allow, limits: Any) -> None:
+            super().__init__(verify=tls_context(), limits=limits, trust_env=False)
+            self.allow = allow
+            self._pool = core.ConnectionPool(
+                ssl_context=tls_context(),
+                max_connections=limits.max_connections,
+                max_keepalive_connections=limits.max_keepalive_connections,
+                keepalive_expiry=limits.keepalive_expiry,
+                network_backend=backend(allow),
+            )
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        try:
-            screen(url.scheme, url.raw_host.decode("ascii"), url.port, self.allow)
-            return super().handle_request(request)
-        except Refused as exc:
-            raise httpx.ConnectError(f"egress refused: {exc}", request=request) from None
+        def handle_request(self, request: Any) -> Any:
+            url = request.url
+            try:
+                screen(url.scheme, url.raw_host.decode("ascii"), url.port, self.allow)
+                return super().handle_request(request)
+            except Refused as exc:
+                raise refused(f"egress refused: {exc}", request) from None
+
+    return GuardedTransport
 
 
-class GuardedTransport2(httpx2.HTTPTransport):
-    """`httpx2`'s transport on a pool that connects through `PinnedBackend2`; a refusal is an
-    `EgressRefused` (a permanent provider error)."""
-
-    def __init__(self, allow: Allow, limits: httpx2.Limits) -> None:
-        super().__init__(verify=tls_context(), limits=limits, trust_env=False)
-        self.allow = allow
-        self._pool = httpcore2.ConnectionPool(
-            ssl_context=tls_context(),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=PinnedBackend2(allow),
-        )
-
-    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        url = request.url
-        try:
-            screen(url.scheme, url.raw_host.decode("ascii"), url.port, self.allow)
-            return super().handle_request(request)
-        except Refused as exc:
-            raise EgressRefused(f"egress refused: {exc}") from None
+# Webhooks: a refusal is an `httpx.ConnectError` ("egress refused: ..."), which the sender records.
+GuardedTransport = _guarded_transport(httpx, httpcore, lambda msg, req: httpx.ConnectError(msg, request=req))
+# The SDKs: a refusal is an `EgressRefused`, a permanent provider error.
+GuardedTransport2 = _guarded_transport(httpx2, httpcore2, lambda msg, req: EgressRefused(msg))
 
 
 def _options(lib: Any, timeout_s: float) -> dict[str, Any]:
