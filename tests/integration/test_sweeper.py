@@ -247,6 +247,10 @@ def test_the_secret_is_in_the_202_answer_and_nowhere_else(
     seen += [r.getMessage() + repr(r.args) for r in caplog.records]
     for text in seen:
         assert secret not in text and secret[6:] not in text and "webhook_secret" not in text
+    with container.db.tx() as cur:  # stored sealed, for this batch alone
+        cur.execute("SELECT webhook_secret FROM batches WHERE id = %s", (bid,))
+        stored = cur.fetchone()["webhook_secret"]
+    assert stored.startswith("sealed1$") and secret not in stored and secret[6:] not in stored
 
 
 def test_a_batch_stored_without_a_secret_is_delivered_unsigned(
@@ -359,7 +363,7 @@ def test_a_result_written_after_its_lease_ran_out_cannot_overwrite_a_newer_attem
     bid = finished_batch(container, fake, "http://127.0.0.1:9/unused")
     store = container.store
     [first] = store.take_due_webhooks(5, lease_s=60)
-    assert first["webhook_attempts"] == 1 and first["webhook_secret"].startswith("whsec_")
+    assert first["webhook_attempts"] == 1 and first["webhook_secret"].startswith("sealed1$")
     assert store.take_due_webhooks(5, lease_s=60) == []  # leased: nobody else takes it
     with container.db.tx() as cur:  # the lease runs out while attempt 1 is still out there
         cur.execute("UPDATE batches SET webhook_next_at = now() - interval '1 second' WHERE id = %s", (bid,))
@@ -370,3 +374,21 @@ def test_a_result_written_after_its_lease_ran_out_cannot_overwrite_a_newer_attem
     assert store.webhook_result(bid, 2, "failed", "endpoint gone (410)", 0)
     assert not store.webhook_result(bid, 2, "delivered", None, 0)  # a finished webhook stays so
     assert hook_state(container, bid) == ("failed", 2, "endpoint gone (410)")
+
+
+def test_a_webhook_secret_that_cannot_be_opened_sends_nothing_unsigned(
+    container: Container, fake: FakeProvider, hooks: Callable[..., Hook]
+) -> None:
+    hook = hooks(204)
+    bid = finished_batch(container, fake, hook.url)
+    with container.db.tx() as cur:  # tampered with at rest
+        cur.execute(
+            "UPDATE batches SET webhook_secret = webhook_secret || 'x' WHERE id = %s"
+            " RETURNING webhook_secret",
+            (bid,),
+        )
+        assert cur.fetchone()["webhook_secret"].startswith("sealed1$")
+    assert sweeper.sweep(container)["webhooks_retrying"] == 1
+    assert hook.received == []
+    status, attempts, error = hook_state(container, bid)
+    assert (status, attempts) == ("pending", 1) and error and "cannot be decrypted" in error

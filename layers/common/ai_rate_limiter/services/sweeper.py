@@ -8,10 +8,12 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from ..adapters.secrets_box import KeyUnreadable, is_sealed
 from ..adapters.webhooks import Answer
 from ..bootstrap import Container
 from ..domain.backoff import backoff_s
 from . import shards
+from .messages import webhook_key_id
 from .views import Row, all_counts, iso
 
 log = logging.getLogger(__name__)
@@ -67,18 +69,29 @@ def verdict(answer: Answer, attempts: int, max_attempts: int) -> tuple[str, str 
     return "pending", answer.error, delay
 
 
+def webhook_secrets(c: Container, batch_id: str, stored: str | None) -> list[str]:
+    """The secret a batch's deliveries are signed with: stored sealed; batches stored before
+    signing existed have none (theirs go out unsigned), and before sealing, one in the clear."""
+    if not stored:
+        return []
+    return [c.keys.open(webhook_key_id(batch_id), stored) if is_sealed(stored) else stored]
+
+
 def deliver(c: Container, batch: Row, leased_until: float) -> str:
     """One attempt at one batch's webhook; its outcome: delivered, failed, pending or stale."""
     s = c.settings
     batch_id, attempt = str(batch["id"]), batch["webhook_attempts"]
     body = json.dumps(webhook_payload(c, batch), separators=(",", ":"), default=str).encode()
-    # Batches stored before signing existed have no secret: theirs go out unsigned.
-    secrets = [batch["webhook_secret"]] if batch.get("webhook_secret") else []
     deadline_s = min(s.webhook_timeout_s, leased_until - time.monotonic() - RESULT_MARGIN_S)
-    if deadline_s > 0:
-        answer = c.webhooks.send(batch["webhook_url"], webhook_id(batch_id), body, secrets, deadline_s)
+    try:
+        secrets = webhook_secrets(c, batch_id, batch.get("webhook_secret"))
+    except KeyUnreadable as exc:  # nothing that should be signed goes out unsigned
+        answer = Answer(None, exc.detail)
     else:
-        answer = Answer(None, "the lease ran out before the delivery could leave")
+        if deadline_s > 0:
+            answer = c.webhooks.send(batch["webhook_url"], webhook_id(batch_id), body, secrets, deadline_s)
+        else:
+            answer = Answer(None, "the lease ran out before the delivery could leave")
     status, error, retry_s = verdict(answer, attempt, s.webhook_max_attempts)
     if not c.store.webhook_result(batch_id, attempt, status, error, retry_s):
         log.warning("webhook for batch %s: attempt %d ended after its lease; not recorded", batch_id, attempt)
