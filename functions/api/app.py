@@ -168,7 +168,5 @@ def batch_results(batch_id: str) -> Response:
     headers: dict[str, str | list[str]] = {"Content-Type": content_type}
     if next_cursor is not None:
         headers["X-Next-Cursor"] = next_cursor
-        params = {**query(), "cursor": next_cursor}
-        link = "&".join(f"{k}={v}" for k, v in params.items())
-        headers["Link"] = f'</batch/{batch_id}/results?{link}>; rel="next"'
+        headers["Link"] = batches.next_link(batch_id, query(), next_cursor)
     return Response(payload, status_code=200, headers=headers)

@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from ai_rate_limiter.bootstrap import Container
@@ -304,3 +305,25 @@ def test_deleting_a_queue_cancels_what_has_not_started(
     assert api.call("delete", f"/queue/{q}").status_code == 200
     progress = api.call("get", f"/batch/{bid}").json
     assert progress["counts"]["cancelled"] == 2 and progress["status"] == "completed"
+
+
+def test_links_carry_only_our_parameters_and_csv_cells_never_start_a_formula(
+    api: Api, container: Container, fake: FakeProvider
+) -> None:
+    q = make_queue(api, fake.url)
+    prompts = ['=HYPERLINK("http://evil.example")', "+1+1", "-2", "@SUM(A1)", "\tx", "plain"]
+    r = api.call("post", "/message/create", {"queue_id": q, "messages": [{"prompt": p} for p in prompts]})
+    bid = r.json["batch_id"]
+    invocation.handle_event(container, take_event(container, q, len(prompts)), 30)
+
+    injected = '>; rel="next", <https://evil.example/'
+    page = api.call("get", f"/batch/{bid}/results?limit=2&y={quote(injected)}&format=json")
+    link = page.headers["link"]
+    assert link.count('rel="next"') == 1 and "evil" not in link and "y=" not in link
+    assert link == f'</batch/{bid}/results?format=json&limit=2&cursor=1>; rel="next"'
+
+    body = api.call("get", f"/batch/{bid}/results?format=csv").body.decode()
+    table = list(csv.DictReader(io.StringIO(body)))
+    assert [row["prompt"] for row in table] == ["'" + p for p in prompts[:5]] + ["plain"]
+    starts = ("=", "+", "-", "@", "\t", "\r")
+    assert all(not cell.startswith(starts) for row in table for cell in row.values())

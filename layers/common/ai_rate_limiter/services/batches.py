@@ -7,6 +7,7 @@ import io
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote, urlencode
 
 from ..bootstrap import Container
 from ..domain.progress import batch_progress
@@ -103,6 +104,25 @@ def messages(c: Container, tenant: str, batch_id: str, query: Mapping[str, str] 
     }
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula gets a leading `'` (OWASP's advice on
+    CSV injection): prompts and answers are the users' and the models' text."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def next_link(batch_id: str, query: Mapping[str, str] | None, next_cursor: str) -> str:
+    """The `Link: rel="next"` value, from the parameters this route defines only, URL-encoded."""
+    query = query or {}
+    params = {k: query[k] for k in ("format", "limit") if k in query}
+    params["cursor"] = next_cursor
+    return f'</batch/{quote(batch_id, safe="")}/results?{urlencode(params)}>; rel="next"'
+
+
 def results(
     c: Container, tenant: str, batch_id: str, query: Mapping[str, str] | None
 ) -> tuple[str, Any, str | None]:
@@ -115,7 +135,7 @@ def results(
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: spreadsheet_safe(v) for k, v in r.items()} for r in rows)
         return "text/csv; charset=utf-8", out.getvalue(), next_cursor
     body = {"batch_id": batch_id, "total": total, "next_cursor": next_cursor, "results": rows}
     return "application/json", body, next_cursor
