@@ -13,26 +13,26 @@ import time
 import uuid
 from typing import Any
 
-from local.bench.stack import Stack, environments_peak_rss_mb
+from local.bench.stack import Stack, environments_peak_rss_mb, utilization_row
 
 
-def _provider_row(stats: dict[str, Any], n: int, limit: int, window: float) -> dict[str, Any]:
+def _provider_row(
+    stats: dict[str, Any], n: int, limit: int, window: float, end_to_end: float
+) -> dict[str, Any]:
     span = stats["last_at"] - stats["first_at"]
-    ideal = (stats["ok"] - 1) * window / limit
-    return {
-        "n": n,
-        "limit": limit,
-        "window_s": window,
-        "wall_s": round(span, 2),
-        "ideal_s": round(ideal, 2),
-        "utilization": round(ideal / span, 4) if span > 0 else None,
-        "provider_429s": stats["rate_limited"],
-        "provider_max_in_window": stats["max_in_window"],
-        "provider_limit": limit,
-        "provider_over_limit": stats["over_limit"],
-        "provider_max_in_flight": stats["max_in_flight"],
-        "messages_per_s": round((stats["ok"] - 1) / span, 2) if span > 0 else None,
-    }
+    return utilization_row(
+        n,
+        stats,
+        (stats["ok"] - 1) * window / limit,
+        end_to_end,
+        limit=limit,
+        window_s=window,
+        provider_max_in_window=stats["max_in_window"],
+        provider_limit=limit,
+        provider_over_limit=stats["over_limit"],
+        provider_max_in_flight=stats["max_in_flight"],
+        messages_per_s=round((stats["ok"] - 1) / span, 2) if span > 0 else None,
+    )
 
 
 def steady_rate(stack: Stack, key: str, period_s: float) -> float | None:
@@ -69,14 +69,13 @@ def scenario(
     ).json()
     provider_id = created["providers"][0]["provider_id"]
     end_to_end = stack.run_batch(queue_id, n, timeout=timeout)
-    row = _provider_row(stack.fake_stats(key), n, limit, window)
+    row = _provider_row(stack.fake_stats(key), n, limit, window, end_to_end)
     row["steady_messages_per_s"] = steady_rate(stack, key, latency.get("latency_ms", 0) / 1000)
     seen = next(p for p in stack.get("/workers")["providers"] if p["provider_id"] == provider_id)
     row["arrival_delay_ms"] = seen["slot_to_departure_ms"]
     row["wait_for_slot_ms"] = seen["wait_for_slot_ms"]
     row["held_back"] = seen["held_back_last_minute"]
     row["workers"] = workers
-    row["end_to_end_s"] = round(end_to_end, 2)
     row["worker_peak_rss_mb"] = round(environments_peak_rss_mb(stack.bridge_pid), 1)
     row["fake_latency"] = latency
     stack.http.delete(f"{stack.api}/queue/{queue_id}")
