@@ -25,6 +25,7 @@ log = logging.getLogger("bridge")
 IDLE_S = 300.0
 LAMBDA_FILES = 1024
 SPARES = 1
+IDLE_POLL_S = 0.2  # how often an idle environment looks whether it was asked to stop
 _ctx = multiprocessing.get_context("spawn")
 
 
@@ -53,6 +54,9 @@ def _serve(conn: multiprocessing.connection.Connection, function: str, module: s
     conn.send(("ready", os.getpid()))
     while True:
         try:
+            while not conn.poll(IDLE_POLL_S):  # an idle environment stops on SIGTERM too
+                if SHUTTING_DOWN.is_set():
+                    return
             event, deadline, request_id = conn.recv()
         except (EOFError, OSError):
             return
