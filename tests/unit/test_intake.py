@@ -37,3 +37,20 @@ def test_late_requests_held_back_count_towards_the_guard() -> None:
         ticket.held_back("p", 0.08)  # cut off by the departure check, but measured
     intake._p99 = (-math.inf, None)  # computed afresh
     assert ticket.guard_s(0.03, 0.02) == pytest.approx(0.02 + 1.5 * 0.08)
+
+
+def test_a_message_deferred_for_want_of_a_slot_stops_the_taking_until_the_schedule_is_near() -> None:
+    """A slot given up by a late request moves the limiter's schedule where the intake cannot
+    see it; the deferral says where it is, so the next messages are not taken only to be
+    deferred in turn."""
+    intake = Intake(lookahead_s=1.0, max_in_flight=100)
+    for at in (0.0, 2.0):  # 1 every 2 s
+        t = intake.ticket()
+        t.slot(at=at, waited_s=at, provider_id="p")
+        t.done(True)
+    assert intake.room_in(now=2.0) == 0
+    deferred = intake.ticket()
+    deferred.no_slot_until(6.0)  # the next slot is 4 s away, past the invocation's time
+    deferred.done(False)
+    assert intake.room_in(now=2.0) == pytest.approx(3.0)
+    assert intake.room_in(now=5.0) == 0

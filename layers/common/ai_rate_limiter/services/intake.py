@@ -134,6 +134,14 @@ class Ticket:
             intake._figures(provider_id).waits_s.append(waited_s)
             intake._cond.notify_all()
 
+    def no_slot_until(self, at: float) -> None:
+        """No slot fitted in the invocation's time: the queue's schedule reaches `at` (a slot
+        given up by a late request moves it, unseen). Nothing more is taken before it is near."""
+        intake = self.intake
+        if intake is not None:
+            with intake._cond:
+                intake.horizon = max(intake.horizon, at)
+
     def departed(self, provider_id: str, delay_s: float) -> None:
         if self.intake is not None:
             with self.intake._cond:

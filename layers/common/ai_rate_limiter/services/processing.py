@@ -138,6 +138,7 @@ def attempt_until_done(
         try:
             index, departure, lease = take_provider(c, plan, failing, budget, ticket)
         except Deferral as deferral:
+            ticket.no_slot_until(c.clock.monotonic() + deferral.wait_s)
             dispatch.defer(c, m, deferral.wait_s, None)
             return "deferred"
         provider = plan.providers[index]
