@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import anthropic
 import httpx2
 import openai
@@ -66,3 +68,30 @@ def test_openai_endpoints_written_without_v1_get_it() -> None:
     assert openai_base_url(seed) == "https://api.openai.com/v1"
     deepseek = Provider(**{**P.__dict__, "type": ProviderType.DEEPSEEK})
     assert openai_base_url(deepseek) == "https://api.deepseek.com"
+
+
+def test_clients_are_built_before_the_first_slot_for_every_pool() -> None:
+    """Building the first client of a process takes tens of milliseconds (the TLS context):
+    `prepare` does it before any request has a slot, for each pool a thread may use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ai_rate_limiter.adapters.providers import CONNECTIONS_PER_POOL, ProviderGateway
+
+    made: list[int] = []
+
+    def make_http(n: int) -> httpx2.Client:
+        made.append(n)
+        return httpx2.Client()
+
+    gateway = ProviderGateway(make_http, timeout_s=5, max_connections=6 * CONNECTIONS_PER_POOL)
+    gateway.prepare([P])
+    assert made == [CONNECTIONS_PER_POOL] * 6 and len(gateway._clients) == 6
+    together = threading.Barrier(12)  # twelve threads at once: two for each pool
+
+    def client_of_a_thread(_: int) -> int:
+        together.wait(5)
+        return id(gateway._client(P))
+
+    with ThreadPoolExecutor(12) as pool:
+        clients = set(pool.map(client_of_a_thread, range(12)))
+    assert len(made) == 6 and len(clients) == 6  # nothing more was built

@@ -6,7 +6,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,7 +63,7 @@ def classify(exc: Exception, provider: Provider) -> ProviderError:
     return ProviderRejected(message)
 
 
-CONNECTIONS_PER_POOL = 50
+CONNECTIONS_PER_POOL = 10
 
 
 class ProviderGateway:
@@ -92,10 +92,18 @@ class ProviderGateway:
             pool = self._local.pool = next(self._next) % self.pools
         return pool
 
-    def _client(self, p: Provider) -> Any:
+    def prepare(self, providers: Sequence[Provider]) -> None:
+        """Build every pool's client of these providers now: the first client of a process
+        also builds the shared TLS context, tens of milliseconds that would otherwise pass
+        between a request's slot and its departure and hold the request back."""
+        for p in providers:
+            for pool in range(self.pools):
+                self._client(p, pool)
+
+    def _client(self, p: Provider, pool: int | None = None) -> Any:
         """Built outside the lock (a thread building one must not hold up the others' calls);
         of two built at once, the first stored is kept."""
-        pool = self._pool()
+        pool = self._pool() if pool is None else pool
         key = (p.id, p.version, pool)
         client = self._clients.get(key)
         if client is not None:

@@ -114,6 +114,7 @@ class Invocation:
         if providers is None:
             rows = self.c.store.queue_providers(*key)
             providers = self.providers[key] = [provider_from_row(r, w) for r, w in rows]
+            self.c.providers.prepare([p for p in providers if p.status == "active"])
         return providers
 
     def next_slot_in(self, tenant: str, queue_id: str) -> float:
