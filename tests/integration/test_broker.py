@@ -126,3 +126,98 @@ def test_deleting_removes_every_queue_of_it(container: Container) -> None:
         with pytest.raises(pika.exceptions.ChannelClosedByBroker):
             ch.queue_declare(name, passive=True)  # type: ignore[attr-defined]
         conn.close()
+
+
+def wait_ready(c: Container, queue: str, n: int, within_s: float = 5.0) -> None:
+    """The broker counts returned messages as ready a moment after they come back."""
+    end = time.monotonic() + within_s
+    while c.broker.ready(queue) != n and time.monotonic() < end:
+        time.sleep(0.05)
+    assert c.broker.ready(queue) == n
+
+
+def take(reader: object, wanted: int, n: int) -> list[tuple[int, bytes]]:
+    got: list[tuple[int, bytes]] = []
+    while len(got) < n:
+        one = reader.get(wanted, wait_s=2.0)  # type: ignore[attr-defined]
+        assert one is not None, f"only {len(got)} of {n} came"
+        got.append(one)
+    return got
+
+
+def test_a_reader_holds_no_more_than_could_start(container: Container) -> None:
+    """Asked for a message when 5 could start, a reader holds at most those 5: the rest stay
+    ready in the broker, for any worker."""
+    names = container.names("default", declare(container))
+    container.broker.publish(names.main, [b'{"n": %d}' % i for i in range(30)])
+    reader = container.reader([names.main])
+    try:
+        got = take(reader, 5, 5)
+        assert [body for _, body in got] == [b'{"n": %d}' % i for i in range(5)]
+        for _ in range(5):  # none more comes while those five are out on calls
+            reader.pump()
+            time.sleep(0.02)
+        assert container.broker.ready(names.main) == 25 and not reader.ready
+        for tag, _ in got:
+            reader.ack(tag)
+        # The first of the five was asked for; the other four came from a consumer given four.
+        # Each of their acks lets one more through, with no request for it.
+        for _ in range(50):
+            reader.pump()
+            if len(reader.ready) == 4:
+                break
+            time.sleep(0.02)
+        assert len(reader.ready) == 4 and container.broker.ready(names.main) == 21
+    finally:
+        reader.close()
+    wait_ready(container, names.main, 25)  # the four unacked went back when it closed
+    container.broker.delete(names)
+
+
+def test_a_reader_takes_more_than_its_window_while_the_first_are_out_on_calls(container: Container) -> None:
+    """Messages count against a consumer's prefetch until they are acked, for their whole call:
+    a reader whose window is all out, asked for more, gets a fresh window instead of waiting."""
+    names = container.names("default", declare(container))
+    container.broker.publish(names.main, [b'{"n": %d}' % i for i in range(60)])
+    reader = container.reader([names.main])
+    try:
+        got = take(reader, 4, 4)
+        got += take(reader, 4, 4)  # none of the first four acked
+        got += take(reader, 12, 12)
+        assert [body for _, body in got] == [b'{"n": %d}' % i for i in range(20)]
+        for tag, _ in got:
+            reader.ack(tag)
+    finally:
+        reader.close()
+    wait_ready(container, names.main, 60 - 20 - reader.unacked)
+    container.broker.delete(names)
+
+
+def test_a_reader_asks_its_own_shard_first_then_the_others(container: Container) -> None:
+    names = container.names("default", f"b-{uuid.uuid4().hex[:8]}")
+    container.broker.declare(names, shards=2)
+    own, other = reversed(names.shards(2))
+    container.broker.publish(other, [b'{"n": 0}'])
+    container.broker.publish(own, [b'{"n": 1}', b'{"n": 2}'])
+    reader = container.reader([own, other])
+    try:
+        bodies = [body for _, body in take(reader, 1, 3)]
+        assert bodies == [b'{"n": 1}', b'{"n": 2}', b'{"n": 0}']
+        assert reader.get(1, wait_s=0.2) is None
+    finally:
+        reader.close()
+    container.broker.delete(names, shards=2)
+
+
+def test_a_reader_says_when_its_queue_was_deleted(container: Container) -> None:
+    names = container.names("default", declare(container))
+    container.broker.publish(names.main, [b'{"n": %d}' % i for i in range(3)])
+    reader = container.reader([names.main])
+    try:
+        take(reader, 3, 1)
+        container.broker.delete(names)
+        with pytest.raises(NotFound):
+            for _ in range(20):
+                reader.get(3, wait_s=0.1)
+    finally:
+        reader.close()

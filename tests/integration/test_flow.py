@@ -66,7 +66,7 @@ def test_an_invocation_acks_what_it_took_and_leaves_nothing_behind(
     # Nothing unacked either: a new reader finds the queue empty once the invocation's channel closed.
     reader = container.reader([names.main])
     try:
-        assert reader.get() is None
+        assert reader.get(wait_s=0.5) is None
     finally:
         reader.close()
 
@@ -105,7 +105,7 @@ def take_event_from(c: Container, shard: str) -> dict[str, Any]:
 
     reader = c.reader([shard])
     try:
-        tag, body = reader.get() or (0, b"")
+        tag, body = reader.get(wait_s=5.0) or (0, b"")
         reader.ack(tag)
     finally:
         reader.close()

@@ -63,6 +63,14 @@ class Intake:
                 return math.inf
             return max(0.0, self.horizon - self.lookahead_s - now)
 
+    def wanted(self, most: int, taking: int = 0) -> int:
+        """How many more may be taken now besides `taking` (at most `most`)."""
+        now = time.monotonic()
+        n = 0
+        while n < most and self.room_in(now, taking + n) == 0:
+            n += 1
+        return n
+
     def next_slot_after(self, at: float) -> bool:
         """Whether the next slot may start after `at`: the latest one plus the last gap."""
         with self._cond:

@@ -184,19 +184,14 @@ class Invocation:
                     idle_since = now
                     continue
                 try:
-                    taken = self.read(reader)
+                    taken = self.read(reader, wait_s=min(PUMP_S, s.worker_idle_s))
                 except NotFound:
                     log.info("%s was deleted; the invocation stops reading it", name)
                     break
-                if taken:
+                if taken or self.intake.in_flight:
                     idle_since = now
-                elif self.intake.in_flight:
-                    idle_since = now
-                    self.intake.wait(PUMP_S)
                 elif now - idle_since >= s.worker_idle_s:
                     break
-                else:
-                    self.intake.wait(min(PUMP_S, s.worker_idle_s))
         finally:
             try:
                 while any(not f.done() for f in self.futures):
@@ -206,11 +201,12 @@ class Invocation:
             finally:  # what was not acked goes back to the broker now, not when the socket dies
                 reader.close()
 
-    def read(self, reader: QueueReader) -> int:
-        """Take what is waiting, up to MAX_TAKE while the intake has room; how many."""
+    def read(self, reader: QueueReader, wait_s: float) -> int:
+        """Take what is waiting (the first waited for up to `wait_s`), up to MAX_TAKE while the
+        intake has room; how many."""
         tags: dict[str, int] = {}
-        while len(tags) < MAX_TAKE and (not tags or self.intake.room_in(taking=len(tags)) == 0):
-            got = reader.get()
+        while wanted := self.intake.wanted(MAX_TAKE - len(tags), taking=len(tags)):
+            got = reader.get(wanted, wait_s=0.0 if tags else wait_s)
             if got is None:
                 break
             tag, body = got
