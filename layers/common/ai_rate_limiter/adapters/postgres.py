@@ -9,7 +9,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -150,11 +150,73 @@ def provider_from_row(row: Row, weight: float = 1.0) -> Provider:
     )
 
 
+class GroupCommit:
+    """Writes that arrive together share one transaction: the first caller writes what is
+    waiting (its own included) while the others wait for it, then the next one waiting writes
+    what came meanwhile. With hundreds of calls answering at once, one transaction a moment
+    instead of one per answer. A group that fails for another reason than an unreachable
+    Postgres is written again one row at a time, so one bad row fails only itself."""
+
+    def __init__(self, write: Callable[[Sequence[Any]], list[Any]], most: int = 200) -> None:
+        self._write, self.most = write, most
+        self._cond = threading.Condition()
+        self._waiting: list[_Pending] = []
+        self._writing = False
+
+    def write(self, row: Any) -> Any:
+        mine = _Pending(row)
+        with self._cond:
+            self._waiting.append(mine)
+            while not mine.done and self._writing:
+                self._cond.wait()
+            if mine.done:
+                return mine.outcome()
+            self._writing = True
+            group, self._waiting = self._waiting[: self.most], self._waiting[self.most :]
+        try:
+            self._settle(group)
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+        return mine.outcome()
+
+    def _settle(self, group: list[_Pending]) -> None:
+        try:
+            for p, value in zip(group, self._write([p.row for p in group]), strict=True):
+                p.value = value
+        except DependencyUnavailable as exc:
+            for p in group:
+                p.error = exc
+        except Exception as exc:
+            if len(group) == 1:
+                group[0].error = exc
+            else:
+                for p in group:
+                    self._settle([p])
+        for p in group:
+            p.done = True
+
+
+class _Pending:
+    __slots__ = ("done", "error", "row", "value")
+
+    def __init__(self, row: Any) -> None:
+        self.row, self.done, self.value = row, False, None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 class Store:
     """Every query the services need, each scoped to a tenant."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._completions = GroupCommit(self._complete_rows)
 
     # -- providers --------------------------------------------------------------------------
 
@@ -496,28 +558,44 @@ class Store:
         return replace(msg, attempt=row["attempt"], tries=row["tries"])
 
     def complete(self, msg: ClaimedMessage, provider: Provider, result: ProviderResult) -> bool:
+        """Store an answer; whether the message was still this attempt's. Answers stored at the
+        same moment share one transaction (`GroupCommit`)."""
+        row = (
+            msg.id,
+            msg.attempt,
+            provider.id,
+            provider.name,
+            result.model,
+            result.text,
+            psycopg2.extras.Json(result.raw),
+            result.usage.prompt_tokens,
+            result.usage.completion_tokens,
+            result.latency_ms,
+        )
+        return self._completions.write(row)
+
+    def _complete_rows(self, rows: Sequence[tuple[Any, ...]]) -> list[bool]:
         with self.db.tx() as cur:
-            cur.execute(
-                """UPDATE messages SET status = 'completed', lease_until = NULL, tries = tries + 1,
-                          provider_id = %s, provider_name = %s, model = %s, response_text = %s,
-                          response_raw = %s, prompt_tokens = %s, completion_tokens = %s,
-                          latency_ms = %s, last_error = NULL, finished_at = now(),
+            stored = psycopg2.extras.execute_values(
+                cur,
+                """UPDATE messages m SET status = 'completed', lease_until = NULL,
+                          tries = m.tries + 1, provider_id = v.provider_id,
+                          provider_name = v.provider_name, model = v.model,
+                          response_text = v.response_text, response_raw = v.response_raw,
+                          prompt_tokens = v.prompt_tokens, completion_tokens = v.completion_tokens,
+                          latency_ms = v.latency_ms, last_error = NULL, finished_at = now(),
                           updated_at = now()
-                   WHERE id = %s AND attempt = %s AND status = 'processing'""",
-                (
-                    provider.id,
-                    provider.name,
-                    result.model,
-                    result.text,
-                    psycopg2.extras.Json(result.raw),
-                    result.usage.prompt_tokens,
-                    result.usage.completion_tokens,
-                    result.latency_ms,
-                    msg.id,
-                    msg.attempt,
-                ),
+                   FROM (VALUES %s) AS v (id, attempt, provider_id, provider_name, model,
+                        response_text, response_raw, prompt_tokens, completion_tokens, latency_ms)
+                   WHERE m.id = v.id AND m.attempt = v.attempt AND m.status = 'processing'
+                   RETURNING m.id::text""",
+                rows,
+                template="(%s::uuid, %s::int, %s::uuid, %s, %s, %s, %s::jsonb, %s::int, %s::int, %s::int)",
+                page_size=len(rows),
+                fetch=True,
             )
-            return cur.rowcount == 1
+        done = {r["id"] for r in stored}
+        return [str(r[0]) in done for r in rows]
 
     def fail(self, msg: ClaimedMessage, error: str, provider: Provider | None, counted: bool = True) -> bool:
         with self.db.tx() as cur:
