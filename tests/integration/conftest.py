@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -12,8 +14,89 @@ from ai_rate_limiter.adapters.rabbitmq import connection_parameters
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.domain.rmq_event import basic_properties, build_event
 from ai_rate_limiter.services import queues
+from chalice.test import Client
 
+from local.functions import load
 from tests.conftest import random_key
+
+JSON = {"Content-Type": "application/json"}
+
+
+class Reply:
+    def __init__(self, what: str, status_code: int, headers: dict[str, str], body: bytes) -> None:
+        self.what, self.status_code, self.headers, self.body = what, status_code, headers, body
+        self.json: Any = json.loads(body) if headers.get("content-type", "").endswith("json") else None
+
+
+class Api:
+    """The Chalice app in process (chalice.test.Client), called with an API key (the admin key
+    unless another is given); keeps every reply."""
+
+    def __init__(self, client: Client, key: str) -> None:
+        self.http, self.key = client.http, key
+        self.replies: list[Reply] = []
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+        key: str | None = None,
+    ) -> Reply:
+        """`headers` replace the JSON content type; the key goes as a bearer token unless they
+        carry one, or `key` is ""."""
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        sent = dict(JSON if headers is None else headers)
+        key = self.key if key is None else key
+        if key and not {"authorization", "x-api-key"} & {h.lower() for h in sent}:
+            sent["Authorization"] = f"Bearer {key}"
+        r = getattr(self.http, method)(path, headers=sent, body=data)
+        lowered = {k.lower(): v for k, v in r.headers.items()}
+        reply = Reply(f"{method.upper()} {path}", r.status_code, lowered, r.body)
+        self.replies.append(reply)
+        return reply
+
+
+def provider(fake_url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "provider_name": "OpenAI",
+        "provider_type": "openai",
+        "api_key": random_key(),
+        "limit": 1000,
+        "time_window": 3600,
+        "config": {"model": "gpt-4o", "endpoint": fake_url},
+        **extra,
+    }
+
+
+def assert_problem(r: Any, status: int, *words: str) -> None:
+    assert r.status_code == status, r.body
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json["status"] == status and r.json["title"] and r.json["detail"]
+    for word in words:
+        assert word in r.json["detail"], r.json
+
+
+def count_rows(c: Container) -> tuple[int, ...]:
+    with c.db.tx() as cur:
+        cur.execute("""SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM batches),
+                              (SELECT count(*) FROM queues), (SELECT count(*) FROM providers)""")
+        return tuple(cur.fetchone().values())
+
+
+def app_on(c: Container, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The API function's app, serving from `c`."""
+    module = load("api", "app")
+    monkeypatch.setattr(module, "container", lambda: c)
+    return module.app
+
+
+@pytest.fixture()
+def api(container: Container, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
+    with Client(app_on(container, monkeypatch)) as client:
+        yield Api(client, container.settings.admin_api_key)
 
 
 def make_queue(c: Container, fake_url: str, *providers: dict[str, Any]) -> str:

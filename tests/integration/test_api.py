@@ -4,81 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
 from urllib.parse import quote
 
 import pytest
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.services import invocation
-from chalice.test import Client
 
-from local.functions import load
-from tests.conftest import FakeProvider, random_key
+from tests.conftest import FakeProvider
 
-from .conftest import take_event
-
-JSON = {"Content-Type": "application/json"}
-
-
-class Reply:
-    def __init__(self, status_code: int, headers: dict[str, str], body: bytes) -> None:
-        self.status_code, self.headers, self.body = status_code, headers, body
-        self.json = json.loads(body) if headers.get("content-type", "").endswith("json") else None
-
-
-class Api:
-    def __init__(self, client: Client) -> None:
-        self.http = client.http
-
-    def call(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        headers: dict[str, str] | None = None,
-        raw: bytes | None = None,
-    ) -> Any:
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        r = getattr(self.http, method)(path, headers=headers or JSON, body=data)
-        return Reply(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.body)
-
-
-@pytest.fixture()
-def api(container: Container, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
-    module = load("api", "app")
-    monkeypatch.setattr(module, "container", lambda: container)
-    with Client(module.app) as client:
-        yield Api(client)
-
-
-def provider(fake_url: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "provider_name": "OpenAI",
-        "provider_type": "openai",
-        "api_key": random_key(),
-        "limit": 1000,
-        "time_window": 3600,
-        "config": {"model": "gpt-4o", "endpoint": fake_url},
-        **extra,
-    }
-
-
-def assert_problem(r: Any, status: int, *words: str) -> None:
-    assert r.status_code == status, r.body
-    assert r.headers["content-type"] == "application/problem+json"
-    assert r.json["status"] == status and r.json["title"] and r.json["detail"]
-    for word in words:
-        assert word in r.json["detail"], r.json
-
-
-def count_rows(c: Container) -> tuple[int, ...]:
-    with c.db.tx() as cur:
-        cur.execute("""SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM batches),
-                              (SELECT count(*) FROM queues), (SELECT count(*) FROM providers)""")
-        return tuple(cur.fetchone().values())
+from .conftest import Api, assert_problem, count_rows, provider, take_event
 
 
 def test_health_names_each_dependency(api: Api) -> None:

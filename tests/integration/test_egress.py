@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -25,12 +24,10 @@ from ai_rate_limiter.adapters.egress import EgressRefused, http_client, sdk_http
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.errors import ValidationFailed
 from ai_rate_limiter.services import batches, invocation, messages, providers, queues, sweeper
-from chalice.test import Client
 
-from local.functions import load
 from tests.conftest import FakeProvider, random_key
 
-from .conftest import make_queue, take_event
+from .conftest import Api, make_queue, take_event
 
 T = "default"
 PUBLIC = "93.184.216.34"
@@ -159,23 +156,13 @@ def test_internal_endpoints_are_refused_on_create_and_on_patch(
     assert providers.get(container, T, pid)["config"]["endpoint"] == fake.url
 
 
-@pytest.fixture()
-def api(container: Container, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    module = load("api", "app")
-    monkeypatch.setattr(module, "container", lambda: container)
-    with Client(module.app) as client:
-        yield client.http
-
-
-def post(http: Any, method: str, path: str, body: Any) -> tuple[int, str, Any]:
-    headers = {"Content-Type": "application/json"}
-    r = getattr(http, method)(path, headers=headers, body=json.dumps(body).encode())
-    lowered = {k.lower(): v for k, v in r.headers.items()}
-    return r.status_code, lowered.get("content-type", ""), json.loads(r.body)
+def post(api: Api, method: str, path: str, body: Any) -> tuple[int, str, Any]:
+    r = api.call(method, path, body)
+    return r.status_code, r.headers.get("content-type", ""), r.json
 
 
 def test_the_api_answers_422_problems_naming_the_field(
-    api: Any, container: Container, fake: FakeProvider
+    api: Api, container: Container, fake: FakeProvider
 ) -> None:
     before = count_rows(container)
     status, media, problem = post(api, "post", "/provider/create", provider_body("http://10.0.0.5"))

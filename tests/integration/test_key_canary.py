@@ -45,39 +45,15 @@ from ai_rate_limiter.migrate import ensure_database, migrate, migrations_dir
 from ai_rate_limiter.services import invocation, providers, sweeper
 from chalice.test import Client
 
-from local.functions import load
 from tests.conftest import FakeProvider, Receiver
 
-from .conftest import take_event
+from .conftest import Api, app_on, take_event
 
 T = "default"
 
 
 def canary() -> str:
     return f"sk-canary-{uuid.uuid4().hex}"
-
-
-class Reply:
-    def __init__(self, what: str, status_code: int, headers: dict[str, str], body: bytes) -> None:
-        self.what, self.status_code, self.headers, self.body = what, status_code, headers, body
-        self.json: Any = json.loads(body) if headers.get("content-type", "").endswith("json") else None
-
-
-class Api:
-    """The Chalice app in process; keeps every reply, to be searched."""
-
-    def __init__(self, client: Client, headers: dict[str, str]) -> None:
-        self.http, self.headers = client.http, headers
-        self.replies: list[Reply] = []
-
-    def call(self, method: str, path: str, body: Any = None) -> Reply:
-        data = None if body is None else json.dumps(body).encode()
-        r = getattr(self.http, method)(path, headers=self.headers, body=data)
-        reply = Reply(
-            f"{method.upper()} {path}", r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.body
-        )
-        self.replies.append(reply)
-        return reply
 
 
 class EchoProvider:
@@ -134,13 +110,8 @@ def reaching(settings: Settings, url: str) -> Settings:
 @pytest.fixture()
 def api(container: Container, echo: EchoProvider, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
     container.settings = reaching(container.settings, echo.url)
-    module = load("api", "app")
-    monkeypatch.setattr(module, "container", lambda: container)
-    headers = {"Content-Type": "application/json"}
-    if container.settings.admin_api_key:
-        headers["Authorization"] = f"Bearer {container.settings.admin_api_key}"
-    with Client(module.app) as client:
-        yield Api(client, headers)
+    with Client(app_on(container, monkeypatch)) as client:
+        yield Api(client, container.settings.admin_api_key)
 
 
 def forms(secret: str) -> list[str]:

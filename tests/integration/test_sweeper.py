@@ -19,10 +19,9 @@ from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.services import batches, invocation, messages, sweeper
 from chalice.test import Client
 
-from local.functions import load
 from tests.conftest import FakeProvider, Receiver
 
-from .conftest import make_queue, take_event
+from .conftest import Api, app_on, make_queue, take_event
 
 
 def submitted_batch(c: Container, fake: FakeProvider, webhook_url: str | None) -> dict[str, Any]:
@@ -207,18 +206,16 @@ def test_the_secret_is_in_the_202_answer_and_nowhere_else(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    module = load("api", "app")
-    monkeypatch.setattr(module, "container", lambda: container)
     hook = hooks(500, 500, 204)  # both batches' webhooks fail once, then arrive
     monkeypatch.setattr(sweeper, "webhook_retry_s", lambda attempts: 0.0)
     q = make_queue(container, fake.url)
-    json_type = {"Content-Type": "application/json"}
-    with Client(module.app) as client:
+    with Client(app_on(container, monkeypatch)) as client:
+        api = Api(client, container.settings.admin_api_key)
 
         def create(body: dict[str, Any]) -> dict[str, Any]:
-            r = client.http.post("/message/create", headers=json_type, body=json.dumps(body).encode())
+            r = api.call("post", "/message/create", body)
             assert r.status_code == 202, r.body
-            answer: dict[str, Any] = json.loads(r.body)
+            answer: dict[str, Any] = r.json
             return answer
 
         plain = create({"queue_id": q, "messages": [{"prompt": "a"}]})
@@ -233,7 +230,7 @@ def test_the_secret_is_in_the_202_answer_and_nowhere_else(
         sweeper.sweep(container)
         sweeper.sweep(container)
         seen = [
-            client.http.get(path).body.decode()
+            api.call("get", path).body.decode()
             for path in (
                 f"/batch/{bid}",
                 f"/batch/{bid}/messages",
