@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -21,11 +22,13 @@ from ai_rate_limiter.adapters.secrets_box import from_settings, new_secret
 from ai_rate_limiter.config import Settings
 from ai_rate_limiter.errors import AppError
 from ai_rate_limiter.migrate import ensure_database, migrate
+from ai_rate_limiter.services.tenants import new_key
 
 from local.services_check import report
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY_FILE = ROOT / ".local" / "provider-key-secrets"  # git-ignored
+ADMIN_KEY_FILE = ROOT / ".local" / "admin-api-key"
 
 
 def spawn(module: str, *args: str) -> subprocess.Popen[bytes]:
@@ -36,24 +39,39 @@ def spawn(module: str, *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env)
 
 
+def kept(path: Path, make: Callable[[], str]) -> tuple[str, bool]:
+    """The secret kept in `path` (git-ignored, readable by its owner only), made by `make` on
+    this checkout's first run; and whether it was made now."""
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        made = False
+    else:
+        with os.fdopen(fd, "w") as out:
+            out.write(make() + "\n")
+        made = True
+    return path.read_text().strip(), made
+
+
 def provider_keys() -> str:
     """What provider API keys are sealed with: the environment's PROVIDER_KEY_SECRETS or KMS
     settings when set; otherwise a key this checkout's first run makes and keeps in KEY_FILE,
     put in the environment of every process started here."""
     if any(os.environ.get(k) for k in ("PROVIDER_KEY_SECRETS", "KMS_DATA_KEY", "KMS_KEY_ID")):
         return "the key(s) configured in the environment"
-    KEY_FILE.parent.mkdir(mode=0o700, exist_ok=True)
-    try:
-        fd = os.open(KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        made = False
-    else:
-        with os.fdopen(fd, "w") as out:
-            out.write(new_secret() + "\n")
-        made = True
-    os.environ["PROVIDER_KEY_SECRETS"] = KEY_FILE.read_text().strip()
+    os.environ["PROVIDER_KEY_SECRETS"], made = kept(KEY_FILE, new_secret)
     note = " (made now: keep it, the stored keys open only with it)" if made else ""
     return f"PROVIDER_KEY_SECRETS from {KEY_FILE.relative_to(ROOT)}{note}"
+
+
+def admin_key() -> str:
+    """Where the admin key comes from: ADMIN_API_KEY when set; otherwise a key this checkout's
+    first run makes and keeps in ADMIN_KEY_FILE."""
+    if os.environ.get("ADMIN_API_KEY"):
+        return "ADMIN_API_KEY"
+    os.environ["ADMIN_API_KEY"], made = kept(ADMIN_KEY_FILE, new_key)
+    return f"{ADMIN_KEY_FILE.relative_to(ROOT)}{' (made now)' if made else ''}"
 
 
 def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> bool:
@@ -83,7 +101,7 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
-def banner(s: Settings, fake: str) -> str:
+def banner(s: Settings, fake: str, admin_from: str) -> str:
     api = f"http://{s.api_host}:{s.api_port}"
     return f"""
 AI Rate Limiter is running
@@ -92,13 +110,15 @@ AI Rate Limiter is running
   worker         event-source bridge on {s.rabbitmq_url.rsplit("@", 1)[-1]}: one mapping per
                  queue worker, batch size {s.worker_batch_size}, window {s.worker_batching_window_s}s,
                  invocations of up to {s.worker_timeout_s:.0f}s
+  admin API key  {s.admin_api_key}   (from {admin_from})
 Try:
-  curl -s -X POST {api}/queue/create -H 'Content-Type: application/json' -d '{{"queue_id":
-    "demo", "providers": [{{"provider_name": "Fake OpenAI", "provider_type": "openai",
-    "api_key": "sk-demo", "limit": 60, "time_window": 60,
-    "config": {{"model": "gpt-4o-mini", "endpoint": "{fake}"}}}}]}}'
-  curl -s -X POST {api}/message/create -H 'Content-Type: application/json' \\
-    -d '{{"queue_id": "demo", "prompt": "Hello"}}'
+  export AIRL_KEY={s.admin_api_key}
+  curl -s -X POST {api}/queue/create -H "Authorization: Bearer $AIRL_KEY" \\
+    -H 'Content-Type: application/json' -d '{{"queue_id": "demo", "providers": [{{
+    "provider_name": "Fake OpenAI", "provider_type": "openai", "api_key": "sk-demo",
+    "limit": 60, "time_window": 60, "config": {{"model": "gpt-4o-mini", "endpoint": "{fake}"}}}}]}}'
+  curl -s -X POST {api}/message/create -H "Authorization: Bearer $AIRL_KEY" \\
+    -H 'Content-Type: application/json' -d '{{"queue_id": "demo", "prompt": "Hello"}}'
 Ctrl-C stops everything.
 """
 
@@ -108,6 +128,7 @@ def main() -> int:
     parser.add_argument("--fake-latency-ms", default=os.environ.get("FAKE_LATENCY_MS", "200"))
     args = parser.parse_args()
     keys = provider_keys()
+    admin_from = admin_key()
     s = Settings.from_env()
     try:
         from_settings(s)  # no key store, no service: a key is never stored unencrypted
@@ -151,7 +172,7 @@ def main() -> int:
         if not wait_ready(f"http://{s.api_host}:{s.api_port}/health", procs):
             print("the stack did not come up; stopping", file=sys.stderr)
             return 1
-        print(banner(s, fake), flush=True)
+        print(banner(s, fake, admin_from), flush=True)
         while not stopping:
             if any(p.poll() is not None for p in procs):
                 print("a component exited; stopping everything", file=sys.stderr)

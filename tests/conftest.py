@@ -29,6 +29,7 @@ from local.services_check import unreachable
 # Provider keys are sealed in the tests as everywhere: one secret for the whole run, which the
 # processes the tests start get too (e2e's stack_env).
 PROVIDER_KEY_SECRETS = new_secret()
+ADMIN_API_KEY = f"airl_test-admin-{uuid.uuid4().hex}"  # the tests' admin key, here and in the stack
 
 
 def base_settings(**overrides: Any) -> Settings:
@@ -44,6 +45,7 @@ def base_settings(**overrides: Any) -> Settings:
         "WEBHOOK_TIMEOUT_S": "3",
         "WORKER_IDLE_S": "0.2",
         "PROVIDER_KEY_SECRETS": PROVIDER_KEY_SECRETS,
+        "ADMIN_API_KEY": ADMIN_API_KEY,
     }
     return replace(Settings.from_env(env), **overrides)
 

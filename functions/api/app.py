@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from ai_rate_limiter.bootstrap import Container, container
 from ai_rate_limiter.errors import AppError, BadRequest, PayloadTooLarge, UnsupportedMediaType
-from ai_rate_limiter.services import batches, health, messages, monitoring, providers, queues
+from ai_rate_limiter.services import batches, health, messages, monitoring, providers, queues, tenants
 from chalice import Chalice, Response
 from chalice.app import Request
 
@@ -23,19 +24,36 @@ def json_response(body: Any, status: int, content_type: str = "application/json"
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
     body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
-    return json_response(body, status, PROBLEM)
+    response = json_response(body, status, PROBLEM)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="ai-rate-limiter"'
+    return response
 
 
-def route(path: str, method: str, status: int = 200) -> Callable[[Callable[..., Any]], Any]:
-    """Register a view; domain errors become RFC 9457 problem responses, here and only here."""
+_caller = threading.local()  # who sent the request being served
+
+
+def route(
+    path: str, method: str, status: int = 200, access: str = "tenant"
+) -> Callable[[Callable[..., Any]], Any]:
+    """Register a view; domain errors become RFC 9457 problem responses, here and only here.
+    `access`: "tenant" (any valid key; the admin key is the default tenant), "admin" (the admin
+    key only) or "public"."""
 
     def register(view: Callable[..., Any]) -> Any:
         @functools.wraps(view)
         def answer(**params: str) -> Response:
+            _caller.who = None
             try:
+                if access != "public":
+                    _caller.who = tenants.caller(c(), request().headers)
+                    if access == "admin":
+                        tenants.admin_only(_caller.who)
                 result = view(**params)
             except AppError as exc:
                 return problem(exc.status, exc.title, exc.detail, **exc.extra)
+            finally:
+                _caller.who = None
             return result if isinstance(result, Response) else json_response(result, status)
 
         return app.route(path, methods=[method], content_types=["*/*"])(answer)
@@ -48,7 +66,9 @@ def c() -> Container:
 
 
 def tenant() -> str:
-    return c().settings.default_tenant
+    who: tenants.Caller | None = _caller.who
+    assert who is not None, "only called while serving an authenticated request"
+    return who.tenant
 
 
 def request() -> Request:
@@ -75,7 +95,7 @@ def query() -> dict[str, str]:
     return dict(request().query_params or {})
 
 
-@route("/health", "GET")
+@route("/health", "GET", access="public")
 def get_health() -> Response:
     ok, report = health.check(c())
     return json_response(report, 200 if ok else 503)
@@ -170,3 +190,24 @@ def batch_results(batch_id: str) -> Response:
         headers["X-Next-Cursor"] = next_cursor
         headers["Link"] = batches.next_link(batch_id, query(), next_cursor)
     return Response(payload, status_code=200, headers=headers)
+
+
+@route("/admin/tenants", "POST", 201, access="admin")
+def create_tenant() -> Any:
+    return tenants.create(c(), body())
+
+
+@route("/admin/tenants", "GET", access="admin")
+def list_tenants() -> Any:
+    return tenants.list_all(c())
+
+
+@route("/admin/tenants/{tenant_id}/keys", "POST", 201, access="admin")
+def add_tenant_key(tenant_id: str) -> Any:
+    return tenants.add_key(c(), tenant_id, body() if request().raw_body else None)
+
+
+@route("/admin/tenants/{tenant_id}/keys/{key_id}", "DELETE", access="admin")
+def revoke_tenant_key(tenant_id: str, key_id: str) -> Any:
+    tenants.revoke_key(c(), tenant_id, key_id)
+    return {"tenant_id": tenant_id, "key_id": key_id, "revoked": True}

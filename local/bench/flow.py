@@ -78,7 +78,7 @@ def scenario(
     row["workers"] = workers
     row["worker_peak_rss_mb"] = round(environments_peak_rss_mb(stack.bridge_pid), 1)
     row["fake_latency"] = latency
-    stack.http.delete(f"{stack.api}/queue/{queue_id}")
+    stack.http.delete(f"{stack.api}/queue/{queue_id}", headers=stack.auth)
     return row
 
 
@@ -93,7 +93,7 @@ def quick_start(stack: Stack, n: int = 3, latency_ms: int = 300, rounds: int = 5
         queue_id = stack.queue(stack.provider("openai", key, 100, 1.0))
         time.sleep(1.5)  # idle: the bridge has found the queue and nothing runs
         times.append(stack.run_batch(queue_id, n, timeout=60, poll_s=0.02))
-        stack.http.delete(f"{stack.api}/queue/{queue_id}")
+        stack.http.delete(f"{stack.api}/queue/{queue_id}", headers=stack.auth)
     median = sorted(times)[len(times) // 2]
     return {
         "n": n,

@@ -24,6 +24,7 @@ import httpx
 from ai_rate_limiter.adapters.secrets_box import new_secret
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.config import Settings
+from ai_rate_limiter.services.tenants import new_key
 
 from local.fresh import drop_broker_queues, fresh_state
 from local.up import spawn, stop, wait_ready
@@ -49,6 +50,11 @@ class Stack:
     # the benchmark would take from the stack it measures.
     http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=60))
 
+    @property
+    def auth(self) -> dict[str, str]:
+        """For the API's routes only (the fake provider is not sent the admin key)."""
+        return {"Authorization": f"Bearer {self.settings.admin_api_key}"}
+
     def __enter__(self) -> Stack:
         return self
 
@@ -56,12 +62,12 @@ class Stack:
         self.http.close()
 
     def post(self, path: str, body: Any, timeout: float = 60) -> httpx.Response:
-        r = self.http.post(f"{self.api}{path}", json=body, timeout=timeout)
+        r = self.http.post(f"{self.api}{path}", json=body, timeout=timeout, headers=self.auth)
         r.raise_for_status()
         return r
 
     def get(self, path: str, **params: Any) -> Any:
-        r = self.http.get(f"{self.api}{path}", params=params)
+        r = self.http.get(f"{self.api}{path}", params=params, headers=self.auth)
         r.raise_for_status()
         return r.json()
 
@@ -117,6 +123,7 @@ def running_stack(bridge: bool = True, **overrides: str) -> Iterator[Stack]:
             "REDIS_URL": "redis://127.0.0.1:6379/12",
             "BROKER_PREFIX": "airlbench",
             "PROVIDER_KEY_SECRETS": new_secret(),  # the run's own: its database starts empty
+            "ADMIN_API_KEY": new_key(),
         }
     )
     settings = replace(base, api_port=free_port(), fake_provider_port=free_port())
@@ -129,6 +136,7 @@ def running_stack(bridge: bool = True, **overrides: str) -> Iterator[Stack]:
         "FAKE_PROVIDER_PORT": str(settings.fake_provider_port),
         "EGRESS_ALLOW": f"127.0.0.1:{settings.fake_provider_port}",  # the fake, past the egress guard
         "PROVIDER_KEY_SECRETS": settings.provider_key_secrets,
+        "ADMIN_API_KEY": settings.admin_api_key,
         "LOG_LEVEL": "ERROR",
         **overrides,
     }
@@ -203,14 +211,14 @@ def ingest(stack: Stack, batch_size: int = 10_000, runs: int = 5) -> dict[str, A
         r = stack.http.post(
             f"{stack.api}/message/create",
             content=body,
-            headers={"content-type": "application/json"},
+            headers={"content-type": "application/json", **stack.auth},
             timeout=120,
         )
         times.append(time.monotonic() - started)
         if r.status_code != 202 or r.json()["total"] != batch_size:
             raise RuntimeError(f"ingest answered {r.status_code}: {r.text[:200]}")
     peak = peak_rss_mb(stack.api_pid)
-    stack.http.delete(f"{stack.api}/queue/{queue_id}")
+    stack.http.delete(f"{stack.api}/queue/{queue_id}", headers=stack.auth)
     return {
         "batch_size": batch_size,
         "accept_s": round(sorted(times)[len(times) // 2], 3),

@@ -43,6 +43,7 @@ def stack_env(settings: Settings, **extra: str) -> dict[str, str]:
         "FAKE_PROVIDER_PORT": str(settings.fake_provider_port),
         "EGRESS_ALLOW": settings.egress_allow,
         "PROVIDER_KEY_SECRETS": settings.provider_key_secrets,  # the stack opens the tests' keys
+        "ADMIN_API_KEY": settings.admin_api_key,
         "LOG_LEVEL": "WARNING",
         **extra,
     }
@@ -54,9 +55,11 @@ class Stack:
     fake: str
     proc: subprocess.Popen[bytes]
     log: Path
+    key: str = ""  # sent as a bearer token on every call
 
     def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return httpx.request(method, f"{self.api}{path}", timeout=30, **kw)
+        headers = {"Authorization": f"Bearer {self.key}", **kw.pop("headers", {})}
+        return httpx.request(method, f"{self.api}{path}", timeout=30, headers=headers, **kw)
 
     def fake_stats(self) -> dict[str, Any]:
         return httpx.get(f"{self.fake}/_fake/stats").json()
@@ -101,7 +104,7 @@ def stack(services: None, receiver_server: Receiver) -> Iterator[Stack]:
     try:
         wait_until(lambda: proc.poll() is not None or b"is running" in log.read_bytes(), 90)
         assert proc.poll() is None, log.read_text()
-        yield Stack(api, f"http://127.0.0.1:{settings.fake_provider_port}", proc, log)
+        yield Stack(api, f"http://127.0.0.1:{settings.fake_provider_port}", proc, log, settings.admin_api_key)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -149,3 +149,6 @@ def test_compose_runs_the_stack_with_known_settings() -> None:
     assert set(app["environment"]) <= known
     assert (ROOT / app["build"]["dockerfile"]).exists()
     assert {"8501:8501", "8600:8600"} <= set(app["ports"])
+    # local.up keeps the admin key and the provider-key secret in /app/.local: on a volume,
+    # so that recreating the container neither changes the key nor strands the stored keys.
+    assert "airl-local:/app/.local" in app["volumes"] and "airl-local" in compose["volumes"]

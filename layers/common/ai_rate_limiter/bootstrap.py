@@ -17,6 +17,7 @@ from .adapters.secrets_box import SecretBox, from_settings, use
 from .adapters.webhooks import WebhookSender
 from .config import Settings
 from .domain.names import BrokerNames, broker_names
+from .errors import DependencyUnavailable
 from .ports import SystemClock
 from .rotate_keys import seal_unsealed
 
@@ -44,6 +45,24 @@ class Container:
     def store(self) -> Store:
         self.keys  # noqa: B018  (no store without the box its keys are sealed with)
         return Store(self.db)
+
+    @cached_property
+    def admin_key(self) -> str:
+        """ADMIN_API_KEY; or else, in the cloud, the Secrets Manager secret that
+        ADMIN_API_KEY_SECRET_ARN names, read once per cold start. Empty: no admin key."""
+        s = self.settings
+        if s.admin_api_key or not s.admin_api_key_secret_arn:
+            return s.admin_api_key
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            answer = boto3.client("secretsmanager").get_secret_value(SecretId=s.admin_api_key_secret_arn)
+        except (BotoCoreError, ClientError) as exc:
+            raise DependencyUnavailable(
+                f"secrets manager: the admin key could not be read ({type(exc).__name__})"
+            ) from None
+        return str(answer["SecretString"]).strip()
 
     @cached_property
     def broker(self) -> Broker:

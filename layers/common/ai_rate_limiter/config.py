@@ -20,7 +20,10 @@ class Settings:
     api_port: int = 8501
     fake_provider_port: int = 8600
     public_base_url: str = ""
-    admin_api_key: str = ""
+    # The admin key: it manages tenants (/admin/...) and acts as the default tenant. In the
+    # cloud it comes from a Secrets Manager secret (template.yaml).
+    admin_api_key: str = field(default="", repr=False)
+    admin_api_key_secret_arn: str = ""  # where it is read from when ADMIN_API_KEY is empty
     # Provider API keys at rest (adapters/secrets_box.py). Locally: Fernet keys, comma-separated,
     # the first encrypts and all decrypt. In the cloud: KMS_DATA_KEY, data keys made by KMS
     # GenerateDataKey under KMS_KEY_ID, as their base64 ciphertexts (comma-separated, the first

@@ -20,6 +20,14 @@ class BadRequest(AppError):
     status, title = 400, "Bad Request"
 
 
+class Unauthorized(AppError):
+    status, title = 401, "Unauthorized"
+
+
+class Forbidden(AppError):
+    status, title = 403, "Forbidden"
+
+
 class NotFound(AppError):
     status, title = 404, "Not Found"
 

@@ -218,6 +218,75 @@ class Store:
         self.db = db
         self._completions = GroupCommit(self._complete_rows)
 
+    # -- tenants and their API keys ---------------------------------------------------------
+
+    def create_tenant(self, tenant_id: str, name: str) -> Row:
+        with self.db.tx() as cur:
+            cur.execute(
+                """INSERT INTO tenants (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING
+                   RETURNING id AS tenant_id, name, created_at""",
+                (tenant_id, name),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise Conflict(f"Tenant {tenant_id!r} already exists.")
+        return dict(row)
+
+    def ensure_tenant(self, tenant_id: str) -> None:
+        with self.db.tx() as cur:
+            cur.execute("INSERT INTO tenants (id) VALUES (%s) ON CONFLICT DO NOTHING", (tenant_id,))
+
+    def list_tenants(self) -> list[Row]:
+        with self.db.tx() as cur:
+            cur.execute(
+                """SELECT t.id AS tenant_id, t.name, t.created_at,
+                          coalesce(json_agg(json_build_object(
+                              'key_id', k.id, 'prefix', k.prefix, 'created_at', k.created_at,
+                              'revoked_at', k.revoked_at) ORDER BY k.created_at)
+                              FILTER (WHERE k.id IS NOT NULL), '[]') AS keys
+                   FROM tenants t LEFT JOIN api_keys k ON k.tenant_id = t.id
+                   GROUP BY t.id ORDER BY t.created_at, t.id"""
+            )
+            return [dict(r) for r in cur.fetchall()]
+
+    def add_api_key(self, tenant_id: str, key_id: str, key_hash: bytes, prefix: str, replace: bool) -> Row:
+        """A new key for the tenant; with `replace`, its other keys are revoked in the same
+        transaction."""
+        with self.db.tx() as cur:
+            cur.execute("SELECT 1 FROM tenants WHERE id = %s FOR UPDATE", (tenant_id,))
+            if cur.fetchone() is None:
+                raise NotFound(f"Tenant {tenant_id!r} not found.")
+            if replace:
+                cur.execute(
+                    "UPDATE api_keys SET revoked_at = now() WHERE tenant_id = %s AND revoked_at IS NULL",
+                    (tenant_id,),
+                )
+            cur.execute(
+                """INSERT INTO api_keys (id, tenant_id, key_hash, prefix) VALUES (%s, %s, %s, %s)
+                   RETURNING id::text AS key_id, tenant_id, prefix, created_at""",
+                (key_id, tenant_id, psycopg2.Binary(key_hash), prefix),
+            )
+            return dict(cur.fetchone())
+
+    def revoke_api_key(self, tenant_id: str, key_id: str) -> bool:
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+                   WHERE tenant_id = %s AND id = %s""",
+                (tenant_id, key_id),
+            )
+            return cur.rowcount == 1
+
+    def tenant_of_key(self, key_hash: bytes) -> str | None:
+        """The tenant whose live key has this hash."""
+        with self.db.tx() as cur:
+            cur.execute(
+                "SELECT tenant_id FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL",
+                (psycopg2.Binary(key_hash),),
+            )
+            row = cur.fetchone()
+        return None if row is None else str(row["tenant_id"])
+
     # -- providers --------------------------------------------------------------------------
 
     @staticmethod
@@ -391,7 +460,7 @@ class Store:
         with self.db.tx() as cur:
             cur.execute(
                 f"""SELECT {cols}, qp.weight FROM queue_providers qp
-                    JOIN providers p ON p.id = qp.provider_id
+                    JOIN providers p ON p.id = qp.provider_id AND p.tenant_id = qp.tenant_id
                     WHERE qp.tenant_id = %s AND qp.queue_id = %s ORDER BY qp.position""",
                 (tenant, queue_id),
             )

@@ -177,6 +177,18 @@ def problems(exc: ValidationError) -> list[dict[str, str]]:
     return out
 
 
+TENANT_ID = r"^[a-z0-9][a-z0-9-]{0,39}$"  # it names broker queues: airl.<tenant>.<queue>
+
+
+class TenantIn(Strict):
+    tenant_id: str | None = Field(default=None, pattern=TENANT_ID)
+    name: str = Field(default="", max_length=200)
+
+
+class KeyIn(Strict):
+    replace: bool = False  # revoke the tenant's other keys at once: a rotation
+
+
 def parse(model: type[M], data: Any) -> M:
     """Validate decoded JSON into `model`, or raise a 400/422 naming every bad field."""
     if not isinstance(data, dict):
