@@ -6,15 +6,20 @@ python -m local.api_server
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import threading
 
 from ai_rate_limiter.config import Settings
 from chalice.config import Config
-from chalice.local import ChaliceRequestHandler, LocalDevServer
+from chalice.local import ChaliceRequestHandler, ForbiddenError, LocalDevServer, LocalGatewayException
 
 from local.functions import load
+
+NO_ROUTE = json.dumps(
+    {"type": "about:blank", "title": "Not Found", "status": 404, "detail": "There is no such route."}
+).encode()
 
 
 class RequestHandler(ChaliceRequestHandler):
@@ -25,6 +30,14 @@ class RequestHandler(ChaliceRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         logging.getLogger("api.access").info("%s " + format, self.address_string(), *args)
+
+    def _send_error_response(self, error: LocalGatewayException) -> None:
+        """No route (Chalice answers as API Gateway does, 403 "Missing Authentication Token"):
+        404 problem+json, as the template has API Gateway answer."""
+        if isinstance(error, ForbiddenError):
+            self._send_http_response(404, {"Content-Type": "application/problem+json"}, NO_ROUTE)
+            return
+        super()._send_error_response(error)
 
 
 def main() -> None:

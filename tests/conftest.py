@@ -46,6 +46,10 @@ def base_settings(**overrides: Any) -> Settings:
         "WORKER_IDLE_S": "0.2",
         "PROVIDER_KEY_SECRETS": PROVIDER_KEY_SECRETS,
         "ADMIN_API_KEY": ADMIN_API_KEY,
+        # The in-process API's own limits are tested on their own (test_inbound.py); the stack
+        # the e2e tier starts runs with the defaults.
+        "INBOUND_PER_S": "0",
+        "INBOUND_WRITES": "0",
     }
     return replace(Settings.from_env(env), **overrides)
 

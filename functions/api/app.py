@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 import functools
-import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ai_rate_limiter.bootstrap import Container, container
-from ai_rate_limiter.errors import AppError, BadRequest, PayloadTooLarge, UnsupportedMediaType
-from ai_rate_limiter.services import batches, health, messages, monitoring, providers, queues, tenants
+from ai_rate_limiter.domain.schemas import (
+    BatchIn,
+    KeyIn,
+    MessageIn,
+    ProviderIn,
+    ProviderPatch,
+    QueueIn,
+    QueuePatch,
+    TenantIn,
+    load_json,
+)
+from ai_rate_limiter.errors import AppError, PayloadTooLarge, UnsupportedMediaType
+from ai_rate_limiter.services import (
+    batches,
+    health,
+    inbound,
+    messages,
+    monitoring,
+    providers,
+    queues,
+    tenants,
+)
+from ai_rate_limiter.services.openapi import Operation, document
 from chalice import Chalice, Response
 from chalice.app import Request
+from pydantic import BaseModel
 
 app = Chalice(app_name="ai-rate-limiter")
 PROBLEM = "application/problem+json"
@@ -30,17 +51,44 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
     return response
 
 
+@app.middleware("http")
+def chalice_errors_as_problems(event: Any, get_response: Callable[[Any], Response]) -> Response:
+    """Chalice's own error answers (a method the route does not have, an unhandled error) in
+    the API's shape: problem+json, headers such as `Allow` kept."""
+    response = get_response(event)
+    body = response.body
+    if response.status_code >= 400 and isinstance(body, dict) and set(body) == {"Code", "Message"}:
+        titles = {405: "Method Not Allowed", 500: "Internal Server Error"}
+        detail = "Something went wrong on our side." if response.status_code >= 500 else str(body["Message"])
+        answer = problem(response.status_code, titles.get(response.status_code, "Error"), detail)
+        answer.headers.update({k: v for k, v in response.headers.items() if k.lower() != "content-type"})
+        return answer
+    return response
+
+
 _caller = threading.local()  # who sent the request being served
 
 
+OPERATIONS: list[Operation] = []  # what /openapi.json describes
+
+
 def route(
-    path: str, method: str, status: int = 200, access: str = "tenant"
+    path: str,
+    method: str,
+    status: int = 200,
+    access: str = "tenant",
+    body: Sequence[type[BaseModel]] = (),
+    **described: Any,
 ) -> Callable[[Callable[..., Any]], Any]:
     """Register a view; domain errors become RFC 9457 problem responses, here and only here.
     `access`: "tenant" (any valid key; the admin key is the default tenant), "admin" (the admin
-    key only) or "public"."""
+    key only) or "public". `body`: the models its service validates the body with (one of
+    them), and `described` the rest of what OpenAPI says of it (`openapi.Operation`)."""
 
     def register(view: Callable[..., Any]) -> Any:
+        summary = (view.__doc__ or view.__name__.replace("_", " ").capitalize()).strip().splitlines()[0]
+        OPERATIONS.append(Operation(path, method, status, access, view.__name__, summary, body, **described))
+
         @functools.wraps(view)
         def answer(**params: str) -> Response:
             _caller.who = None
@@ -49,9 +97,12 @@ def route(
                     _caller.who = tenants.caller(c(), request().headers)
                     if access == "admin":
                         tenants.admin_only(_caller.who)
+                    inbound.admit(c(), _caller.who.tenant, method)
                 result = view(**params)
             except AppError as exc:
-                return problem(exc.status, exc.title, exc.detail, **exc.extra)
+                response = problem(exc.status, exc.title, exc.detail, **exc.extra)
+                response.headers.update(exc.headers)
+                return response
             finally:
                 _caller.who = None
             return result if isinstance(result, Response) else json_response(result, status)
@@ -59,6 +110,9 @@ def route(
         return app.route(path, methods=[method], content_types=["*/*"])(answer)
 
     return register
+
+
+PAGE = [("limit", {"type": "integer", "minimum": 1}), ("cursor", {"type": "integer", "minimum": -1})]
 
 
 def c() -> Container:
@@ -83,12 +137,11 @@ def body() -> Any:
     if media != "application/json" and not media.endswith("+json"):
         raise UnsupportedMediaType("Send the body as application/json.")
     raw = request_.raw_body or b""
+    if isinstance(raw, str):
+        raw = raw.encode()
     if len(raw) > c().settings.max_body_bytes:
         raise PayloadTooLarge(f"The body exceeds {c().settings.max_body_bytes} bytes.")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"The body is not valid JSON: {exc}") from None
+    return load_json(raw)
 
 
 def query() -> dict[str, str]:
@@ -101,7 +154,7 @@ def get_health() -> Response:
     return json_response(report, 200 if ok else 503)
 
 
-@route("/provider/create", "POST", 201)
+@route("/provider/create", "POST", 201, body=[ProviderIn])
 def create_provider() -> Any:
     return providers.create(c(), tenant(), body())
 
@@ -116,7 +169,7 @@ def get_provider(provider_id: str) -> Any:
     return providers.get(c(), tenant(), provider_id)
 
 
-@route("/provider/update/{provider_id}", "PATCH")
+@route("/provider/update/{provider_id}", "PATCH", body=[ProviderPatch])
 def update_provider(provider_id: str) -> Any:
     return providers.update(c(), tenant(), provider_id, body())
 
@@ -127,7 +180,7 @@ def delete_provider(provider_id: str) -> Any:
     return {"provider_id": provider_id, "deleted": True}
 
 
-@route("/queue/create", "POST", 201)
+@route("/queue/create", "POST", 201, body=[QueueIn])
 def create_queue() -> Any:
     return queues.create(c(), tenant(), body())
 
@@ -142,7 +195,7 @@ def get_queue(queue_id: str) -> Any:
     return queues.get(c(), tenant(), queue_id)
 
 
-@route("/queue/{queue_id}", "PATCH")
+@route("/queue/{queue_id}", "PATCH", body=[QueuePatch])
 def update_queue(queue_id: str) -> Any:
     return queues.update(c(), tenant(), queue_id, body())
 
@@ -157,7 +210,7 @@ def delete_queue(queue_id: str) -> Any:
     return queues.delete(c(), tenant(), queue_id)
 
 
-@route("/message/create", "POST", 202)
+@route("/message/create", "POST", 202, body=[MessageIn, BatchIn])
 def create_message() -> Any:
     return messages.submit(c(), tenant(), body())
 
@@ -177,12 +230,17 @@ def get_batch(batch_id: str) -> Any:
     return batches.progress(c(), tenant(), batch_id)
 
 
-@route("/batch/{batch_id}/messages", "GET")
+@route("/batch/{batch_id}/messages", "GET", query=PAGE)
 def batch_messages(batch_id: str) -> Any:
     return batches.messages(c(), tenant(), batch_id, query())
 
 
-@route("/batch/{batch_id}/results", "GET")
+@route(
+    "/batch/{batch_id}/results",
+    "GET",
+    query=[("format", {"enum": ["json", "csv"]}), *PAGE],
+    produces=["application/json", "text/csv"],
+)
 def batch_results(batch_id: str) -> Response:
     content_type, payload, next_cursor = batches.results(c(), tenant(), batch_id, query())
     headers: dict[str, str | list[str]] = {"Content-Type": content_type}
@@ -192,7 +250,7 @@ def batch_results(batch_id: str) -> Response:
     return Response(payload, status_code=200, headers=headers)
 
 
-@route("/admin/tenants", "POST", 201, access="admin")
+@route("/admin/tenants", "POST", 201, access="admin", body=[TenantIn])
 def create_tenant() -> Any:
     return tenants.create(c(), body())
 
@@ -202,7 +260,7 @@ def list_tenants() -> Any:
     return tenants.list_all(c())
 
 
-@route("/admin/tenants/{tenant_id}/keys", "POST", 201, access="admin")
+@route("/admin/tenants/{tenant_id}/keys", "POST", 201, access="admin", body=[KeyIn], body_required=False)
 def add_tenant_key(tenant_id: str) -> Any:
     return tenants.add_key(c(), tenant_id, body() if request().raw_body else None)
 
@@ -211,3 +269,9 @@ def add_tenant_key(tenant_id: str) -> Any:
 def revoke_tenant_key(tenant_id: str, key_id: str) -> Any:
     tenants.revoke_key(c(), tenant_id, key_id)
     return {"tenant_id": tenant_id, "key_id": key_id, "revoked": True}
+
+
+@route("/openapi.json", "GET")
+def get_openapi() -> Any:
+    """This API's OpenAPI 3.1 description"""
+    return document(OPERATIONS, "AI Rate Limiter", "1")

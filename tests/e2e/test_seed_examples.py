@@ -126,3 +126,12 @@ def test_up_names_the_service_that_is_down_and_exits_non_zero() -> None:
     assert done.returncode != 0
     assert "redis is unreachable" in done.stderr and "redis-server" in done.stderr
     assert "postgres" not in done.stderr
+
+
+def test_unknown_routes_and_methods_answer_problems(stack: Stack) -> None:
+    r = stack.call("GET", "/no/such/route")
+    assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
+    assert r.json()["status"] == 404
+    r = stack.call("DELETE", "/providers")
+    assert r.status_code == 405 and r.headers["content-type"] == "application/problem+json"
+    assert r.headers["allow"] == "GET"

@@ -33,7 +33,7 @@ class Api:
     unless another is given); keeps every reply."""
 
     def __init__(self, client: Client, key: str) -> None:
-        self.http, self.key = client.http, key
+        self.client, self.http, self.key = client, client.http, key
         self.replies: list[Reply] = []
 
     def call(

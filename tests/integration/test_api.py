@@ -262,3 +262,22 @@ def test_links_carry_only_our_parameters_and_csv_cells_never_start_a_formula(
     assert [row["prompt"] for row in table] == ["'" + p for p in prompts[:5]] + ["plain"]
     starts = ("=", "+", "-", "@", "\t", "\r")
     assert all(not cell.startswith(starts) for row in table for cell in row.values())
+
+
+def test_bad_bodies_are_problems_and_change_nothing(api: Api, container: Container) -> None:
+    before = count_rows(container)
+    too_big = b'{"queue_id": "q", "prompt": "' + b"a" * container.settings.max_body_bytes + b'"}'
+    assert_problem(api.call("post", "/message/create", raw=too_big), 413, "exceeds")
+    deep = b'{"queue_id": "q", "prompt": "x", "metadata": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}"
+    assert_problem(api.call("post", "/message/create", raw=deep), 400, "nested too deeply")
+    nul = api.call("post", "/message/create", {"queue_id": "q", "messages": [{"prompt": "a\u0000"}]})
+    assert_problem(nul, 422, "NUL")
+    assert nul.json["errors"][0]["field"] == "messages.0.prompt"
+    assert count_rows(container) == before
+    assert container.settings.max_body_bytes == 6 * 1024 * 1024  # what a Lambda function accepts
+
+
+def test_a_method_a_route_does_not_have_is_405_in_the_apis_shape(api: Api) -> None:
+    r = api.call("put", "/queues", {})
+    assert_problem(r, 405, "PUT")
+    assert r.headers["allow"] == "GET"

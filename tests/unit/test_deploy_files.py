@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -9,6 +10,8 @@ from typing import Any
 
 import yaml
 from ai_rate_limiter.config import Settings
+
+from local import functions
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +42,8 @@ def load(name: str) -> Any:
 
 
 def test_every_api_route_is_an_api_gateway_event() -> None:
-    routes = set(re.findall(r'@route\("([^"]+)", "([A-Z]+)"', (ROOT / "functions/api/app.py").read_text()))
+    app = functions.load("api", "app").app  # the routes as Chalice registered them
+    routes = {(path, method) for path, entries in app.routes.items() for method in entries}
     events = load("template.yaml")["Resources"]["ApiFunction"]["Properties"]["Events"].values()
     declared = {(e["Properties"]["Path"], e["Properties"]["Method"].upper()) for e in events}
     assert routes and declared == routes
@@ -152,3 +156,29 @@ def test_compose_runs_the_stack_with_known_settings() -> None:
     # local.up keeps the admin key and the provider-key secret in /app/.local: on a volume,
     # so that recreating the container neither changes the key nor strands the stored keys.
     assert "airl-local:/app/.local" in app["volumes"] and "airl-local" in compose["volumes"]
+
+
+def test_every_function_opens_the_sealed_keys_with_kms_and_the_api_reads_the_admin_key() -> None:
+    template = load("template.yaml")
+    shared = template["Globals"]["Function"]["Environment"]["Variables"]
+    assert shared["KMS_KEY_ID"] == {"Ref": "ProviderKeyKmsKeyArn"}
+    assert shared["KMS_DATA_KEY"] == {"Ref": "ProviderKeyDataKeys"}
+    assert template["Parameters"]["ProviderKeyDataKeys"]["NoEcho"] is True
+    resources = template["Resources"]
+    functions = {k: r["Properties"] for k, r in resources.items() if r["Type"] == "AWS::Serverless::Function"}
+    assert set(functions) == {"ApiFunction", "WorkerFunction", "SweeperFunction"}
+    for name, props in functions.items():
+        granted = {a: s["Resource"] for s in statements(props) for a in actions(s)}
+        assert granted["kms:Decrypt"] == {"Ref": "ProviderKeyKmsKeyArn"}, name
+        assert not any(a.startswith("kms:") and a != "kms:Decrypt" for a in granted), name
+    api = functions["ApiFunction"]
+    assert api["Environment"]["Variables"]["ADMIN_API_KEY_SECRET_ARN"] == {"Ref": "AdminApiKeySecretArn"}
+    granted = {a: s["Resource"] for s in statements(api) for a in actions(s)}
+    assert granted["secretsmanager:GetSecretValue"] == {"Ref": "AdminApiKeySecretArn"}
+    # API Gateway's own answers are problem+json too.
+    responses = resources["Api"]["Properties"]["GatewayResponses"]
+    for kind, status in (("MISSING_AUTHENTICATION_TOKEN", 404), ("THROTTLED", 429)):
+        body = json.loads(responses[kind]["ResponseTemplates"]["application/json"])
+        assert body["status"] == status and responses[kind]["StatusCode"] == str(status)
+        headers = responses[kind]["ResponseParameters"]["Headers"]
+        assert headers["Content-Type"] == "'application/problem+json'"

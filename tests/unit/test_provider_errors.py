@@ -95,3 +95,20 @@ def test_clients_are_built_before_the_first_slot_for_every_pool() -> None:
     with ThreadPoolExecutor(12) as pool:
         clients = set(pool.map(client_of_a_thread, range(12)))
     assert len(made) == 6 and len(clients) == 6  # nothing more was built
+
+
+def test_an_answer_with_nul_characters_is_kept_with_them_replaced() -> None:
+    """Postgres stores no NUL (`jsonb` refuses \\u0000): the paid answer is stored with U+FFFD."""
+    from ai_rate_limiter.adapters.providers import answer_json
+
+    raw = httpx2.Response(200, content=b'{"choices": [{"message": {"content": "a\\u0000b"}}], "k\\u0000": 1}')
+    body = answer_json(raw, P)
+    assert body == {"choices": [{"message": {"content": "a\ufffdb"}}], "k\ufffd": 1}
+
+
+def test_an_answer_of_absurd_size_fails_its_message_saying_so() -> None:
+    from ai_rate_limiter.adapters.providers import MAX_ANSWER_BYTES, answer_json
+
+    raw = httpx2.Response(200, content=b'{"x": "' + b"a" * MAX_ANSWER_BYTES + b'"}')
+    with pytest.raises(ProviderRejected, match="bytes, over the"):
+        answer_json(raw, P)

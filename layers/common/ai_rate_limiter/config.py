@@ -67,9 +67,14 @@ class Settings:
     webhook_max_attempts: int = 8
     sweeper_interval_s: float = 1.0
     max_batch_size: int = 100_000
-    max_body_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int = 6 * 1024 * 1024  # what a Lambda function accepts
     page_size: int = 1000
     max_page_size: int = 10_000
+    # Each tenant's limits on the API (after the seed's APISIX defaults); 0 turns one off.
+    inbound_per_s: float = 10.0  # every request, with a burst of
+    inbound_burst: int = 20
+    inbound_writes: int = 100  # requests that create or change something, per
+    inbound_writes_window_s: float = 60.0
     egress_allow: str = ""  # EGRESS_ALLOW: `host:port` entries past the egress guard (adapters/egress.py)
     log_level: str = "INFO"
 

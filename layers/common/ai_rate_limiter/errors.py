@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -14,6 +15,11 @@ class AppError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.extra = extra
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers that go with the problem."""
+        return {}
 
 
 class BadRequest(AppError):
@@ -46,6 +52,20 @@ class UnsupportedMediaType(AppError):
 
 class ValidationFailed(AppError):
     status, title = 422, "Unprocessable Content"
+
+
+class TooManyRequests(AppError):
+    """A tenant over one of the API's own limits."""
+
+    status, title = 429, "Too Many Requests"
+
+    def __init__(self, detail: str, retry_after_s: float) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 class DependencyUnavailable(AppError):

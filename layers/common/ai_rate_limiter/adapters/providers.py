@@ -207,12 +207,32 @@ def post(client: Any, path: str, body: dict[str, Any], timeout_s: float) -> http
     return response
 
 
+MAX_ANSWER_BYTES = 4 * 1024 * 1024  # an answer longer than this fails its message, said plainly
+
+
 def answer_json(raw: httpx2.Response, p: Provider) -> dict[str, Any]:
-    """The answer's JSON as the provider sent it (kept whole beside the extracted text)."""
+    """The answer's JSON as the provider sent it (kept whole beside the extracted text), but
+    with every NUL character replaced by U+FFFD: Postgres stores no NUL, and a paid answer
+    must not fail on one."""
+    size = len(raw.content)
+    if size > MAX_ANSWER_BYTES:
+        raise ProviderRejected(f"{p.name}: the answer was {size} bytes, over the {MAX_ANSWER_BYTES} kept")
     try:
         body = raw.json()
     except ValueError:
         raise ProviderUnavailable(f"{p.name}: the answer was not JSON") from None
     if not isinstance(body, dict):
         raise ProviderUnavailable(f"{p.name}: the answer was not a JSON object")
+    if b"\\u0000" in raw.content:  # the only way a NUL can be in JSON text
+        body = without_nul(body)
     return body
+
+
+def without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(v) for v in value]
+    return value

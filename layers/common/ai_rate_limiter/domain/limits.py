@@ -101,3 +101,23 @@ def settlement(provider: Provider, headroom: Headroom, reserved: int, used: int)
 
 def concurrency_key(provider: Provider, prefix: str = "airl:lim") -> str:
     return f"{prefix}:{provider.limiter_key}:conc"
+
+
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def inbound_limits(
+    tenant: str, method: str, per_s: float, burst: int, writes: int, writes_window_s: float
+) -> list[Limit]:
+    """A tenant's limits on the API for one request: every request `per_s` a second with a
+    burst of `burst`, and those that create or change something `writes` per
+    `writes_window_s` (all at once at most); 0 turns one off. GCRA: the tolerance is the
+    burst less one increment."""
+    limits = []
+    if per_s > 0:
+        every_us = 1_000_000 / per_s
+        limits.append(Limit(f"airl:in:{tenant}:all", round(every_us), round((max(burst, 1) - 1) * every_us)))
+    if writes > 0 and method.upper() in WRITES:
+        every_us = writes_window_s * 1_000_000 / writes
+        limits.append(Limit(f"airl:in:{tenant}:write", round(every_us), round((writes - 1) * every_us)))
+    return limits

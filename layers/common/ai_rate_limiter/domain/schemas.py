@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -187,6 +188,44 @@ class TenantIn(Strict):
 
 class KeyIn(Strict):
     replace: bool = False  # revoke the tenant's other keys at once: a rotation
+
+
+MAX_DEPTH = 32  # levels of nesting a body may have
+
+
+def load_json(raw: bytes) -> Any:
+    """A request body decoded: 400 if it is not JSON or is nested more than MAX_DEPTH levels
+    deep, 422 naming the field if a string in it holds a NUL character (Postgres stores none)."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"The body is nested too deeply (at most {MAX_DEPTH} levels).") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"The body is not valid JSON: {exc}") from None
+    nul = b"\\u0000" in raw  # the only way a NUL can be in JSON text
+    todo: list[tuple[Any, str, int]] = [(data, "", 1)]
+    while todo:
+        value, at, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            raise BadRequest(f"The body is nested too deeply (at most {MAX_DEPTH} levels).")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                field = f"{at}.{key}" if at else str(key)
+                if nul and "\x00" in key:
+                    raise _nul(field)
+                todo.append((item, field, depth + 1))
+        elif isinstance(value, list):
+            todo.extend((item, f"{at}.{i}" if at else str(i), depth + 1) for i, item in enumerate(value))
+        elif nul and isinstance(value, str) and "\x00" in value:
+            raise _nul(at)
+    return data
+
+
+def _nul(field: str) -> ValidationFailed:
+    message = "contains a NUL character (\\u0000), which cannot be stored"
+    return ValidationFailed(
+        f"{field or '(body)'}: {message}", errors=[{"field": field or "(body)", "message": message}]
+    )
 
 
 def parse(model: type[M], data: Any) -> M:
