@@ -413,11 +413,12 @@ class ScriptedProviders:
     of `errors.py` raised. A request keeps to its `Departure` as the transport does: if the
     clock is past `leave_by` when it would leave, it is not sent and `on_late`'s error is raised
     (`before_send` runs first: a hook where a test lets time pass); otherwise `sent_at` is set,
-    and the answer takes `latency_s` of the clock."""
+    writing it takes `write_s` (then `written_at` is set), and the answer `latency_s`."""
 
     def __init__(self, clock: FakeClock, latency_s: float = 0.0) -> None:
         self.clock = clock
         self.latency_s = latency_s
+        self.write_s = 0.0
         self.scripts: dict[str, deque[Outcome]] = {}
         self.calls: list[Call] = []
         self.before_send: Callable[[Provider], None] | None = None
@@ -437,6 +438,8 @@ class ScriptedProviders:
             raise departure.on_late(now - departure.leave_by)
         if departure is not None:
             departure.sent_at = now
+            self.clock.advance(self.write_s)
+            departure.written_at = self.clock.monotonic()
         self.calls.append(Call(p.id, now, True, req))
         script = self.scripts.get(p.id)
         if not script:

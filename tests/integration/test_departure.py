@@ -45,4 +45,7 @@ def test_a_request_that_waited_for_a_connection_past_its_time_is_not_sent(fake: 
     finally:
         departing(None)
     assert departure.sent_at is not None and departure.sent_at <= departure.leave_by
+    # And when its last byte was written, which is what the guard is sized from.
+    assert departure.written_at is not None and departure.sent_at <= departure.written_at
+    assert departure.left_at == departure.written_at
     client.close()

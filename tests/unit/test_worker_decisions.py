@@ -6,6 +6,7 @@ with: the message's row, the limiter's schedule, the calls the provider got, wha
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import pytest
@@ -30,7 +31,7 @@ from ai_rate_limiter.errors import (
 )
 from ai_rate_limiter.ports import WorkerPorts
 from ai_rate_limiter.services.dispatch import message_body
-from ai_rate_limiter.services.intake import Intake, Ticket
+from ai_rate_limiter.services.intake import GUARD_MIN_SAMPLES, Intake, Ticket
 from ai_rate_limiter.services.processing import (
     LIMITER_RETRY_S,
     MAX_LATE_WAKEUPS,
@@ -290,6 +291,25 @@ def test_a_request_late_at_its_departure_is_not_sent_and_takes_a_fresh_slot(port
     m = ports.store.messages[mid]
     assert (m.status, m.tries, m.attempt) == ("completed", 1, 1)  # nothing counted, no renewal
     assert (intake.figures[p.id].late, intake.figures[p.id].sent) == (1, 1)
+
+
+def test_the_guard_grows_with_the_time_requests_take_to_be_written(ports: FakePorts) -> None:
+    """A request leaves within LIMITER_LATE_S of its slot by the check before its first byte;
+    a thread descheduled while writing adds what only the time of its last byte shows. The
+    departure delays the guard is sized from run to that last byte."""
+    p = queue(ports, request_limit=1000, time_window=1.0)
+    intake = Intake(1.0, 1000)
+    ports.providers.write_s = 0.03
+    s = ports.settings
+    for _ in range(GUARD_MIN_SAMPLES):
+        mid = ports.store.add_message(Q)
+        ports.providers.script(p.id, answer("ok"))
+        assert run(ports, mid, ticket=intake.ticket()) == "completed"
+    assert max(intake.figures[p.id].delays_s) == pytest.approx(0.03)
+    intake._p99 = (-math.inf, None)  # computed afresh
+    assert intake.ticket().guard_s(s.limiter_guard_s, s.limiter_late_s) == pytest.approx(
+        s.limiter_late_s + 1.5 * 0.03
+    )
 
 
 def test_a_provider_at_max_concurrency_waits_for_a_place(ports: FakePorts) -> None:

@@ -47,11 +47,18 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 @dataclass
 class Departure:
     """When a request may leave: not after `leave_by` (this process's monotonic clock), or it
-    is not sent and `on_late` raises. `sent_at` is when it left."""
+    is not sent and `on_late` raises. `sent_at` is when it started to leave, `written_at` when
+    the last of its bytes was handed to the network."""
 
     leave_by: float
     on_late: Callable[[float], Exception]
     sent_at: float | None = None
+    written_at: float | None = None
+
+    @property
+    def left_at(self) -> float | None:
+        """When it was on its way: written, or at least started."""
+        return self.written_at if self.written_at is not None else self.sent_at
 
 
 _departures = threading.local()
@@ -63,6 +70,7 @@ def departing(departure: Departure | None) -> None:
 
 
 SEND_STARTED = ("http11.send_request_headers.started", "http2.send_request_headers.started")
+WRITTEN = ("http11.send_request_body.complete", "http2.send_request_body.complete")
 
 
 def _check_departure(request: Any) -> None:
@@ -81,6 +89,8 @@ def _check_departure(request: Any) -> None:
             if now > departure.leave_by:
                 raise departure.on_late(now - departure.leave_by)
             departure.sent_at = now
+        elif event in WRITTEN:
+            departure.written_at = time.monotonic()
 
     request.extensions["trace"] = trace
 

@@ -179,8 +179,11 @@ def attempt_until_done(
         finally:
             if lease is not None:  # it expires by itself if Redis cannot be told
                 _quietly(c.limiter.release, concurrency_key(provider), lease)
-            if departure.sent_at is not None:
-                ticket.departed(provider.id, departure.sent_at - departure.slot_at)
+            if departure.left_at is not None:
+                # Measured to the last byte written: what the check before the first cannot
+                # see (a thread descheduled mid-write on a busy machine) is what the guard
+                # has to cover.
+                ticket.departed(provider.id, departure.left_at - departure.slot_at)
 
 
 def carry_out(c: WorkerPorts, m: ClaimedMessage, plan: Plan, index: int, decision: OnError) -> bool:
