@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable, Sequence
@@ -150,7 +151,12 @@ def query() -> dict[str, str]:
 
 @route("/health", "GET", access="public")
 def get_health() -> Response:
-    ok, report = health.check(c())
+    """Each dependency's state; with a key, why one is down and the tenant's providers out of quota"""
+    who = None
+    if tenants.presented_key(request().headers):
+        with contextlib.suppress(AppError):  # a bad key gets what anyone gets
+            who = tenants.caller(c(), request().headers)
+    ok, report = health.check(c(), None if who is None else who.tenant)
     return json_response(report, 200 if ok else 503)
 
 

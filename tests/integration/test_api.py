@@ -30,8 +30,13 @@ def test_health_is_503_naming_the_dependency_that_is_down(
     monkeypatch.setattr(container, "limiter", RedisLimiter("redis://127.0.0.1:1/0"))
     r = api.call("get", "/health")
     assert r.status_code == 503
-    assert r.json["dependencies"]["redis"].startswith("down")
+    assert r.json["dependencies"]["redis"].startswith("down: redis")  # why, to a caller with a key
     assert r.json["dependencies"]["postgres"] == "ok" and "redis" in r.json["detail"]
+    # Anyone else learns what is down, not the error (which names the host).
+    for key in ("", "airl_not-a-key"):
+        anonymous = api.call("get", "/health", key=key)
+        assert anonymous.status_code == 503 and anonymous.json["dependencies"]["redis"] == "down"
+        assert "127.0.0.1" not in anonymous.body.decode()
 
 
 def test_provider_lifecycle_never_shows_the_key(api: Api, fake: FakeProvider) -> None:

@@ -178,9 +178,12 @@ def test_a_provider_out_of_quota_is_stopped_and_reported(container: Container, f
         or "quota" in (messages.read(container, T, first)["last_error"])
     )
     assert container.store.queue_providers(T, q)[0][0]["status"] == "quota_exhausted"
-    ok, report = health.check(container)
+    ok, report = health.check(container, T)
     assert ok and report["status"] == "degraded"
     assert [p["provider_name"] for p in report["providers_out_of_quota"]] == ["fake"]
+    # Not to anyone without a key, nor to another tenant.
+    assert health.check(container, None)[1] == {"status": "ok", "dependencies": report["dependencies"]}
+    assert "providers_out_of_quota" not in health.check(container, "t-other")[1]
     submit(container, q, "c")
     assert run(container, q, 1)["failed"] == 1 and fake.stats()["total"]["requests"] <= 2
 

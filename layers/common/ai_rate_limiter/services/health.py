@@ -8,7 +8,9 @@ from ..bootstrap import Container
 from ..errors import AppError
 
 
-def check(c: Container) -> tuple[bool, dict[str, object]]:
+def check(c: Container, tenant: str | None) -> tuple[bool, dict[str, object]]:
+    """Anyone may ask; only a caller with a key (`tenant`) is told why a dependency is down
+    (the error names hosts) and which of its providers are out of quota."""
     probes: dict[str, Callable[[], None]] = {
         "postgres": c.store.ping,
         "redis": c.limiter.ping,
@@ -20,12 +22,12 @@ def check(c: Container) -> tuple[bool, dict[str, object]]:
             probe()
             deps[name] = "ok"
         except AppError as exc:
-            deps[name] = f"down: {exc.detail}"
+            deps[name] = "down" if tenant is None else f"down: {exc.detail}"
     down = [n for n, state in deps.items() if state != "ok"]
     body: dict[str, object] = {"status": "ok" if not down else "unavailable", "dependencies": deps}
     if down:
         body["detail"] = f"unreachable: {', '.join(down)}"
-    if "postgres" not in down and (out := c.store.exhausted_providers(c.settings.default_tenant)):
+    if tenant is not None and "postgres" not in down and (out := c.store.exhausted_providers(tenant)):
         body["providers_out_of_quota"] = out
         body["status"] = body["status"] if down else "degraded"
     return not down, body
