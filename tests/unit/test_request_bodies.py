@@ -22,19 +22,31 @@ def test_nesting_up_to_the_limit_is_fine_and_deeper_is_400() -> None:
 
 
 @pytest.mark.parametrize(
-    ("body", "field"),
+    ("body", "field", "pointer"),
     [
-        ({"queue_id": "q", "prompt": "a\u0000b"}, "prompt"),
-        ({"queue_id": "q", "messages": [{"prompt": "ok"}, {"prompt": "\u0000"}]}, "messages.1.prompt"),
-        ({"queue_id": "q", "prompt": "x", "metadata": {"k\u0000": "v"}}, "metadata.k\u0000"),
-        ("\u0000", "(body)"),
+        ({"queue_id": "q", "prompt": "a\u0000b"}, "prompt", "/prompt"),
+        (
+            {"queue_id": "q", "messages": [{"prompt": "ok"}, {"prompt": "\u0000"}]},
+            "messages.1.prompt",
+            "/messages/1/prompt",
+        ),
+        (
+            {"queue_id": "q", "prompt": "x", "metadata": {"a/b~\u0000": "v"}},
+            "metadata.a/b~\u0000",
+            "/metadata/a~1b~0\u0000",
+        ),
+        ("\u0000", "(body)", ""),
     ],
 )
-def test_a_nul_character_anywhere_is_422_naming_the_field(body: object, field: str) -> None:
+def test_a_nul_character_anywhere_is_422_naming_the_field(body: object, field: str, pointer: str) -> None:
     with pytest.raises(ValidationFailed) as err:
         load_json(json.dumps(body).encode())
     assert err.value.extra["errors"] == [
-        {"field": field, "message": "contains a NUL character (\\u0000), which cannot be stored"}
+        {
+            "field": field,
+            "pointer": pointer,
+            "message": "contains a NUL character (\\u0000), which cannot be stored",
+        }
     ]
 
 

@@ -87,6 +87,7 @@ def test_batch_errors_point_at_the_item() -> None:
     with pytest.raises(ValidationFailed) as err:
         parse(BatchIn, {"queue_id": "q", "messages": [{"prompt": "a"}, {"prompt": ""}]})
     assert err.value.extra["errors"][0]["field"] == "messages.1.prompt"
+    assert err.value.extra["errors"][0]["pointer"] == "/messages/1/prompt"  # RFC 6901
 
 
 def test_webhook_must_be_http() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -66,6 +67,20 @@ class TooManyRequests(AppError):
     @property
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+def field_error(path: Sequence[str | int], message: str) -> dict[str, str]:
+    """One invalid field, named two ways: a dotted path (`messages.3.prompt`) and a JSON
+    pointer (RFC 6901: `/messages/3/prompt`; the empty pointer is the whole body)."""
+    parts = [str(p) for p in path]
+    pointer = "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+    return {"field": ".".join(parts) or "(body)", "pointer": pointer, "message": message}
+
+
+def invalid(errors: Sequence[dict[str, str]]) -> ValidationFailed:
+    """422 naming every field of `errors` (`field_error`s); the detail names the first."""
+    first = errors[0]
+    return ValidationFailed(f"{first['field']}: {first['message']}", errors=list(errors))
 
 
 class DependencyUnavailable(AppError):

@@ -35,7 +35,7 @@ import httpcore2
 import httpx
 import httpx2
 
-from ..errors import ProviderRejected, ValidationFailed
+from ..errors import ProviderRejected, field_error, invalid
 
 USER_AGENT = "ai-rate-limiter/0.1"
 
@@ -267,7 +267,7 @@ def check_destination(url: str, allow: str, field: str) -> None:
             problem = f"egress refused: {exc}"
         except OSError:
             problem = f"{host} does not resolve"
-    raise ValidationFailed(f"{field}: {problem}", errors=[{"field": field, "message": problem}])
+    raise invalid([field_error(field.split("."), problem)])
 
 
 # --- the transports ----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -18,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from ..errors import BadRequest, ValidationFailed
+from ..errors import BadRequest, ValidationFailed, field_error, invalid
 from .models import PROVIDER_ALIASES, ProviderType
 
 M = TypeVar("M", bound=BaseModel)
@@ -171,10 +172,9 @@ class BatchIn(Strict):
 def problems(exc: ValidationError) -> list[dict[str, str]]:
     out = []
     for err in exc.errors(include_url=False):
-        parts = [str(p) for p in err["loc"]]
-        loc = ".".join(p for p in parts if p not in ("ref", "inline") and "[" not in p)
-        msg = err["msg"].removeprefix("Value error, ")
-        out.append({"field": loc or "(body)", "message": msg})
+        # pydantic's locations also name the union member tried ("ref", "inline", "str[...]")
+        path = [p for p in err["loc"] if p not in ("ref", "inline") and "[" not in str(p)]
+        out.append(field_error(path, err["msg"].removeprefix("Value error, ")))
     return out
 
 
@@ -203,29 +203,25 @@ def load_json(raw: bytes) -> Any:
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"The body is not valid JSON: {exc}") from None
     nul = b"\\u0000" in raw  # the only way a NUL can be in JSON text
-    todo: list[tuple[Any, str, int]] = [(data, "", 1)]
+    todo: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
     while todo:
-        value, at, depth = todo.pop()
-        if depth > MAX_DEPTH:
+        value, at = todo.pop()
+        if len(at) >= MAX_DEPTH:
             raise BadRequest(f"The body is nested too deeply (at most {MAX_DEPTH} levels).")
         if isinstance(value, dict):
             for key, item in value.items():
-                field = f"{at}.{key}" if at else str(key)
                 if nul and "\x00" in key:
-                    raise _nul(field)
-                todo.append((item, field, depth + 1))
+                    raise _nul((*at, key))
+                todo.append((item, (*at, key)))
         elif isinstance(value, list):
-            todo.extend((item, f"{at}.{i}" if at else str(i), depth + 1) for i, item in enumerate(value))
+            todo.extend((item, (*at, i)) for i, item in enumerate(value))
         elif nul and isinstance(value, str) and "\x00" in value:
             raise _nul(at)
     return data
 
 
-def _nul(field: str) -> ValidationFailed:
-    message = "contains a NUL character (\\u0000), which cannot be stored"
-    return ValidationFailed(
-        f"{field or '(body)'}: {message}", errors=[{"field": field or "(body)", "message": message}]
-    )
+def _nul(path: Sequence[str | int]) -> ValidationFailed:
+    return invalid([field_error(path, "contains a NUL character (\\u0000), which cannot be stored")])
 
 
 def parse(model: type[M], data: Any) -> M:
@@ -235,6 +231,4 @@ def parse(model: type[M], data: Any) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        errs = problems(exc)
-        first = errs[0]
-        raise ValidationFailed(f"{first['field']}: {first['message']}", errors=errs) from None
+        raise invalid(problems(exc)) from None

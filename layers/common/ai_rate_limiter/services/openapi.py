@@ -57,7 +57,11 @@ def _problem_schema() -> dict[str, Any]:
                 "type": "array",
                 "items": {
                     "type": "object",
-                    "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+                    "properties": {
+                        "field": {"type": "string"},
+                        "pointer": {"type": "string"},
+                        "message": {"type": "string"},
+                    },
                 },
             },
         },

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..bootstrap import Container
 from ..domain.schemas import ProviderRef, QueueIn, QueuePatch, parse
-from ..errors import AppError, Conflict, NotFound, ValidationFailed
+from ..errors import AppError, Conflict, NotFound, ValidationFailed, field_error, invalid
 from . import monitoring, providers
 from .views import Row, all_counts, iso, provider_view
 
@@ -43,7 +43,7 @@ def create(c: Container, tenant: str, body: Any) -> Row:
 def check_workers(c: Container, workers: int) -> None:
     if workers > c.settings.max_workers:
         detail = f"at most {c.settings.max_workers} (MAX_WORKERS)"
-        raise ValidationFailed(f"workers: {detail}", errors=[{"field": "workers", "message": detail}])
+        raise invalid([field_error(["workers"], detail)])
 
 
 def scale(c: Container, main: str, shards: list[str]) -> None:
