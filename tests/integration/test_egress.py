@@ -168,7 +168,11 @@ def test_the_api_answers_422_problems_naming_the_field(
     status, media, problem = post(api, "post", "/provider/create", provider_body("http://10.0.0.5"))
     assert (status, media) == (422, "application/problem+json")
     assert problem["errors"] == [
-        {"field": "config.endpoint", "message": "egress refused: 10.0.0.5 is a private address"}
+        {
+            "field": "config.endpoint",
+            "pointer": "/config/endpoint",
+            "message": "egress refused: 10.0.0.5 is a private address",
+        }
     ]
     assert problem["detail"] == "config.endpoint: egress refused: 10.0.0.5 is a private address"
 

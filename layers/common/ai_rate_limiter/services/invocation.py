@@ -33,7 +33,7 @@ from ..domain.rmq_event import Delivery, parse_event
 from ..errors import NotFound
 from . import dispatch, monitoring
 from .intake import Intake
-from .processing import SAFETY_S, SHUTTING_DOWN, Deadline, process
+from .processing import SAFETY_S, SHUTTING_DOWN, Deadline, process, quietly
 
 log = logging.getLogger(__name__)
 PUMP_S = 0.05  # the longest the reading thread leaves the broker connection and acks waiting
@@ -96,8 +96,15 @@ class Invocation:
         if not ids:
             return
         claimed = self.c.store.claim(ids, lease_s=self.deadline.remaining() + 30)
-        for m in claimed:  # started first: whatever fails below, a claimed message is under way
-            self.start(m, None if tags is None else tags[m.id])
+        for i, m in enumerate(claimed):  # started first: whatever fails below, a claimed message is under way
+            try:
+                self.start(m, None if tags is None else tags[m.id])
+            except BaseException:
+                # Its providers could not be loaded (a key that cannot be opened, Postgres
+                # gone): what was not started goes back at once rather than when its lease ends.
+                for left in claimed[i:]:
+                    quietly(self.c.store.release, left, None)
+                raise
         got = {m.id for m in claimed}
         if len(got) < len(ids):
             parked = park_held(self.c, set(ids) - got)

@@ -87,11 +87,11 @@ def process(
         try:
             dispatch.defer(c, m, LIMITER_RETRY_S, "waiting for the rate limiter (redis unreachable)")
         except DependencyUnavailable:
-            _quietly(lambda: c.store.release(m, None))
+            quietly(lambda: c.store.release(m, None))
             raise
         return "deferred"
     except DependencyUnavailable:
-        _quietly(lambda: c.store.release(m, None))
+        quietly(lambda: c.store.release(m, None))
         raise
     except Exception as exc:  # a bad message must not fail its neighbours
         log.exception("message %s failed unexpectedly", m.id)
@@ -173,12 +173,12 @@ def attempt_until_done(
             used = tokens.charged(
                 provider, m.request, result.usage.prompt_tokens, result.usage.completion_tokens
             )
-            _quietly(c.limiter.settle, settlement(provider, plan.headroom, plan.costs[index], used))
-            _quietly(react_to_headers, c, provider, plan.limits[index], result.headers)
+            quietly(c.limiter.settle, settlement(provider, plan.headroom, plan.costs[index], used))
+            quietly(react_to_headers, c, provider, plan.limits[index], result.headers)
             return "completed" if stored else "lost"
         finally:
             if lease is not None:  # it expires by itself if Redis cannot be told
-                _quietly(c.limiter.release, concurrency_key(provider), lease)
+                quietly(c.limiter.release, concurrency_key(provider), lease)
             if departure.left_at is not None:
                 # Measured to the last byte written: what the check before the first cannot
                 # see (a thread descheduled mid-write on a busy machine) is what the guard
@@ -328,7 +328,7 @@ def take_slot(
     return None, Slot(1.0)  # late every time: the machine is too busy now; the message comes back
 
 
-def _quietly(action: Callable[..., object], *args: Any) -> None:
+def quietly(action: Callable[..., object], *args: Any) -> None:
     try:
         action(*args)
     except Exception:  # best effort while a dependency is down
