@@ -172,7 +172,9 @@ class GroupCommit:
             if mine.done:
                 return mine.outcome()
             self._writing = True
-            group, self._waiting = self._waiting[: self.most], self._waiting[self.most :]
+            # Its own row first: the writer does not return before its own row is written.
+            others = [p for p in self._waiting if p is not mine]
+            group, self._waiting = [mine, *others[: self.most - 1]], others[self.most - 1 :]
         try:
             self._settle(group)
         finally:
