@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import threading
+from typing import Any
 
 from ai_rate_limiter.config import Settings
 from chalice.config import Config
@@ -30,6 +31,13 @@ class RequestHandler(ChaliceRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:
         logging.getLogger("api.access").info("%s " + format, self.address_string(), *args)
+
+    def __getattr__(self, name: str) -> Any:
+        """Any other method (TRACE, PROPFIND...) goes to the app too, which answers 405 with
+        `Allow` (or 404) in its own shape, where http.server would answer 501."""
+        if name.startswith("do_"):
+            return self._generic_handle
+        raise AttributeError(name)
 
     def _send_error_response(self, error: LocalGatewayException) -> None:
         """No route (Chalice answers as API Gateway does, 403 "Missing Authentication Token"):

@@ -268,7 +268,7 @@ def list_tenants() -> Any:
 
 @route("/admin/tenants/{tenant_id}/keys", "POST", 201, access="admin", body=[KeyIn], body_required=False)
 def add_tenant_key(tenant_id: str) -> Any:
-    return tenants.add_key(c(), tenant_id, body() if request().raw_body else None)
+    return tenants.add_key(c(), tenant_id, body() if request().raw_body else {})  # the body is optional
 
 
 @route("/admin/tenants/{tenant_id}/keys/{key_id}", "DELETE", access="admin")
@@ -280,4 +280,4 @@ def revoke_tenant_key(tenant_id: str, key_id: str) -> Any:
 @route("/openapi.json", "GET")
 def get_openapi() -> Any:
     """This API's OpenAPI 3.1 description"""
-    return document(OPERATIONS, "AI Rate Limiter", "1")
+    return document(OPERATIONS, "AI Rate Limiter", "1", c().settings.max_workers)

@@ -135,3 +135,11 @@ def test_unknown_routes_and_methods_answer_problems(stack: Stack) -> None:
     r = stack.call("DELETE", "/providers")
     assert r.status_code == 405 and r.headers["content-type"] == "application/problem+json"
     assert r.headers["allow"] == "GET"
+
+
+def test_any_other_method_is_405_in_the_apis_shape(stack: Stack) -> None:
+    """http.server would answer a method it has no handler for (TRACE) with a bare 501."""
+    r = stack.call("TRACE", "/queues")
+    assert r.status_code == 405 and r.headers["content-type"] == "application/problem+json"
+    assert r.headers["allow"] == "GET"
+    assert stack.call("TRACE", "/no/such/route").status_code == 404

@@ -3,8 +3,10 @@ validate with."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from ai_rate_limiter.bootstrap import Container
 from openapi_spec_validator import validate
 
 from local.functions import load
@@ -55,3 +57,14 @@ def test_each_body_is_described_by_the_model_it_is_validated_with(api: Api) -> N
                     assert required <= fields, (path, required, fields)
             tried += 1
     assert tried >= 7
+
+
+def test_the_description_says_what_validation_will_take(api: Api, container: Container) -> None:
+    """Limits that validation applies beyond a field's type are in the description too."""
+    schemas = described(api)["components"]["schemas"]
+    for name in ("QueueIn", "QueuePatch"):
+        assert schemas[name]["properties"]["workers"]["maximum"] == container.settings.max_workers
+    assert schemas["QueueIn"]["properties"]["queue_id"]["pattern"].startswith("^[A-Za-z0-9]")
+    kind = re.compile(schemas["ProviderIn"]["properties"]["provider_type"]["pattern"])
+    assert all(kind.match(v) for v in ("openai", " Azure ", "CLAUDE", "deepseek", "azure_openai"))
+    assert not any(kind.match(v) for v in ("", "open ai", "gpt"))

@@ -124,6 +124,7 @@ def test_keys_are_added_rotated_and_revoked_at_once(admin: Api, app: Client) -> 
     assert_problem(admin.call("delete", f"/admin/tenants/{tid}/keys/{UNKNOWN}"), 404)
     assert_problem(admin.call("post", f"/admin/tenants/{UNKNOWN}/keys"), 404)
     assert_problem(admin.call("post", f"/admin/tenants/{tid}/keys", {"replace": "yes"}), 422, "replace")
+    assert_problem(admin.call("post", f"/admin/tenants/{tid}/keys", raw=b"null"), 400, "JSON object")
     assert_problem(admin.call("post", "/admin/tenants", {"tenant_id": tid}), 409, tid)
     assert_problem(admin.call("post", "/admin/tenants", {"tenant_id": "Not Valid!"}), 422, "tenant_id")
     assert tenant.call("get", "/queues").status_code == 401  # the first key went with the rotation

@@ -61,9 +61,21 @@ def provider_type(value: str) -> str:
     return str(value)
 
 
+def _any_case(words: list[str]) -> str:
+    """A JSON Schema pattern for these words in any case, with spaces around them allowed (as
+    `provider_type` takes them): `[Oo][Pp]...`, since JSON Schema patterns have no flags."""
+    spelled = (
+        "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else re.escape(c) for c in w) for w in words
+    )
+    return rf"^\s*(?:{'|'.join(spelled)})\s*$"
+
+
+PROVIDER_TYPE = Field(json_schema_extra={"pattern": _any_case([*ProviderType, *PROVIDER_ALIASES])})
+
+
 class ProviderFields(Strict):
     provider_name: Name | None = None
-    provider_type: str | None = None
+    provider_type: Annotated[str, PROVIDER_TYPE] | None = None
     api_key: str | None = Field(default=None, min_length=1, max_length=1000, pattern=r"^\S+$")
     limit: int | None = Field(default=None, ge=1, le=10_000_000)
     time_window: float | None = Field(default=None, gt=0, le=86_400 * 31)
@@ -76,7 +88,7 @@ class ProviderFields(Strict):
 
 class ProviderIn(ProviderFields):
     provider_name: Name
-    provider_type: str
+    provider_type: Annotated[str, PROVIDER_TYPE]
     api_key: str = Field(min_length=1, max_length=1000, pattern=r"^\S+$")
     limit: int = Field(ge=1, le=10_000_000)
     time_window: float = Field(default=60.0, gt=0, le=86_400 * 31)
@@ -112,7 +124,7 @@ Workers = Annotated[int, Field(ge=1, le=1000)]  # the deployment's MAX_WORKERS c
 
 
 class QueueIn(Strict):
-    queue_id: str
+    queue_id: str = Field(json_schema_extra={"pattern": QUEUE_ID.pattern})
     providers: list[QueueProvider] = Field(min_length=1, max_length=20)
     workers: Workers = 1
 

@@ -68,12 +68,15 @@ def _problem_schema() -> dict[str, Any]:
     }
 
 
-def document(operations: Sequence[Operation], title: str, version: str) -> dict[str, Any]:
+def document(operations: Sequence[Operation], title: str, version: str, max_workers: int) -> dict[str, Any]:
     models = sorted({m for op in operations for m in op.body}, key=lambda m: m.__name__)
     _, defs = models_json_schema(
         [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
     )
     schemas: dict[str, Any] = {**defs.get("$defs", {}), "Problem": _problem_schema()}
+    for schema in schemas.values():  # what the deployment allows (MAX_WORKERS), not the model's bound
+        if "workers" in schema.get("properties", {}):
+            schema["properties"]["workers"]["maximum"] = max_workers
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op)

@@ -89,7 +89,7 @@ def create(c: Container, body: Any) -> Row:
 def add_key(c: Container, tenant_id: str, body: Any) -> Row:
     """Another key for the tenant (shown this once); with `"replace": true` its other keys are
     revoked at once (a rotation)."""
-    spec = parse(KeyIn, body if body is not None else {})
+    spec = parse(KeyIn, body)
     if tenant_id == c.settings.default_tenant:
         c.store.ensure_tenant(tenant_id)  # the admin key's tenant exists without being made
     return _issue(c, tenant_id, spec.replace)
