@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -305,10 +306,10 @@ class QueueReader:
     rest come from a consumer whose prefetch is what the invocation could start at that moment:
     each ack lets one more through, with no round trip. A message counts against the prefetch
     until it is acked, that is for its whole call; so when the whole window is out on calls and
-    more could start, the consumer is replaced by one with a fresh window (what was delivered
-    stays this reader's to ack), and likewise when more could start than its window holds.
-    Nothing more than the window waits in this process unasked, so on a slow limit (a window of
-    one, or none) the backlog stays in the broker."""
+    more could start, the consumer is replaced by one with a fresh window, sized to what can
+    start then (what was delivered stays this reader's to ack). Nothing more than the window
+    waits in this process unasked, so on a slow limit (a window of one, or none) the backlog
+    stays in the broker."""
 
     def __init__(self, url: str, queues: Sequence[str]) -> None:
         self.queues = list(queues)
@@ -339,10 +340,13 @@ class QueueReader:
         self.conn.process_data_events(time_limit=0)
         sub = self.sub
         if not self.ready and sub is not None:
-            if len(sub.out) >= sub.window or wanted > 2 * sub.window:  # too small for what can start
+            # Replaced only once its whole window is out: a consumer cancelled with credit left
+            # would have what is on its way handed back, and each hand-back counts towards the
+            # queue's delivery limit.
+            if len(sub.out) >= sub.window:
                 self._subscribe(sub.queue, wanted)
             if wait_s > 0:
-                self.conn.process_data_events(time_limit=wait_s)  # returns once one arrives
+                self._wait(wait_s)
                 if not self.ready:  # its shard ran dry: ask the shards again
                     self._unsubscribe()
         if self.ready:
@@ -359,6 +363,18 @@ class QueueReader:
         if wait_s > 0:
             self.conn.process_data_events(time_limit=wait_s)  # heartbeats while it waits
         return None
+
+    def _wait(self, wait_s: float) -> None:
+        """Until a delivery comes or `wait_s` has passed (pika may return sooner: after a
+        cancel it returns at once)."""
+        end = time.monotonic() + wait_s
+        while not self.ready and (left := end - time.monotonic()) > 0:
+            self.conn.process_data_events(time_limit=left)
+
+    def stop(self) -> None:
+        """Take no more: the consumer goes, so that acks from here on let nothing more in."""
+        with contextlib.suppress(*RECOVERABLE):
+            self._unsubscribe()
 
     def _subscribe(self, queue: str, window: int) -> None:
         self._unsubscribe()

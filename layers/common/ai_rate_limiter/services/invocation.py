@@ -200,6 +200,7 @@ class Invocation:
                 elif now - idle_since >= s.worker_idle_s:
                     break
         finally:
+            reader.stop()  # what is still out is acked as it finishes; nothing new comes in
             try:
                 while any(not f.done() for f in self.futures):
                     self.tick(reader, monitor)
