@@ -108,3 +108,23 @@ def test_whoever_writes_next_writes_its_own_row_first() -> None:
             assert [f.result(5) for f in [first, *rest]] == [i % 2 == 0 for i in range(6)]
         assert sorted(row for g in writes.groups for row in g) == list(range(6))
         assert all(len(g) <= 2 for g in writes.groups)
+
+
+def test_a_deadlocked_group_is_written_again_row_by_row() -> None:
+    """A deadlock (or serialization failure) writes no row of the group: rather than fail every
+    answer in it (each would be asked of its provider again), each row is written alone."""
+    import psycopg2.errors
+
+    class Deadlocks(Writes):
+        def __call__(self, rows: Sequence[int]) -> list[bool]:
+            if len(rows) > 1:
+                self.groups.append(list(rows))
+                try:
+                    raise psycopg2.errors.DeadlockDetected("deadlock detected")
+                except psycopg2.errors.DeadlockDetected as exc:
+                    raise DependencyUnavailable("postgres: deadlock detected") from exc
+            return super().__call__(rows)
+
+    writes = Deadlocks()
+    assert write_together(writes, list(range(5))) == [i % 2 == 0 for i in range(5)]
+    assert sorted(writes.groups[1]) == [1, 2, 3, 4] and all(len(g) == 1 for g in writes.groups[2:])

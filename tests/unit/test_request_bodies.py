@@ -54,3 +54,17 @@ def test_bad_json_is_400() -> None:
     for raw in (b"{nope", b"\xff\xfe", b'{"a": "\x00"}'):  # a raw control character is not JSON
         with pytest.raises(BadRequest, match="not valid JSON"):
             load_json(raw)
+
+
+def test_only_utf8_is_json_here() -> None:
+    """json.loads would decode UTF-16 and UTF-32 bytes too, where a NUL is not spelled \\u0000."""
+    body = json.dumps({"queue_id": "q", "prompt": "a\u0000"})
+    for encoding in ("utf-16", "utf-32"):
+        with pytest.raises(BadRequest, match="not valid JSON"):
+            load_json(body.encode(encoding))
+
+
+def test_a_wide_body_is_walked_without_copying_it() -> None:
+    """The walk holds one iterator per level: a deep, wide body is checked in one pass."""
+    wide = "[" * (MAX_DEPTH - 1) + ",".join(["0"] * 200_000) + "]" * (MAX_DEPTH - 1)
+    assert load_json(wide.encode()) is not None

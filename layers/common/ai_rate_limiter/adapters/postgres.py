@@ -155,7 +155,8 @@ class GroupCommit:
     waiting (its own included) while the others wait for it, then the next one waiting writes
     what came meanwhile. With hundreds of calls answering at once, one transaction a moment
     instead of one per answer. A group that fails for another reason than an unreachable
-    Postgres is written again one row at a time, so one bad row fails only itself."""
+    Postgres (a bad row, a deadlock) is written again one row at a time, so one bad row fails
+    only itself and a deadlock sends no paid answer back to be asked again."""
 
     def __init__(self, write: Callable[[Sequence[Any]], list[Any]], most: int = 200) -> None:
         self._write, self.most = write, most
@@ -188,8 +189,12 @@ class GroupCommit:
             for p, value in zip(group, self._write([p.row for p in group]), strict=True):
                 p.value = value
         except DependencyUnavailable as exc:
-            for p in group:
-                p.error = exc
+            if isinstance(exc.__cause__, psycopg2.errors.TransactionRollbackError) and len(group) > 1:
+                for p in group:  # a deadlock or serialization failure: no row of it was written
+                    self._settle([p])
+            else:
+                for p in group:
+                    p.error = exc
         except Exception as exc:
             if len(group) == 1:
                 group[0].error = exc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -206,30 +206,43 @@ MAX_DEPTH = 32  # levels of nesting a body may have
 
 
 def load_json(raw: bytes) -> Any:
-    """A request body decoded: 400 if it is not JSON or is nested more than MAX_DEPTH levels
-    deep, 422 naming the field if a string in it holds a NUL character (Postgres stores none)."""
+    """A request body decoded: 400 if it is not UTF-8 JSON or is nested more than MAX_DEPTH
+    levels deep, 422 naming the field if a string in it holds a NUL character (Postgres stores
+    none). The walk keeps one iterator per level, so it costs memory by depth, not by size."""
+    too_deep = f"The body is nested too deeply (at most {MAX_DEPTH} levels)."
     try:
-        data = json.loads(raw)
+        text = raw.decode("utf-8")  # json.loads would take UTF-16 and UTF-32 bytes too
+        data = json.loads(text)
     except RecursionError:
-        raise BadRequest(f"The body is nested too deeply (at most {MAX_DEPTH} levels).") from None
+        raise BadRequest(too_deep) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"The body is not valid JSON: {exc}") from None
-    nul = b"\\u0000" in raw  # the only way a NUL can be in JSON text
-    todo: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
-    while todo:
-        value, at = todo.pop()
-        if len(at) >= MAX_DEPTH:
-            raise BadRequest(f"The body is nested too deeply (at most {MAX_DEPTH} levels).")
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if nul and "\x00" in key:
-                    raise _nul((*at, key))
-                todo.append((item, (*at, key)))
-        elif isinstance(value, list):
-            todo.extend((item, (*at, i)) for i, item in enumerate(value))
-        elif nul and isinstance(value, str) and "\x00" in value:
-            raise _nul(at)
+    nul = "\\u0000" in text  # the only way a NUL can be in JSON text
+    if nul and isinstance(data, str) and "\x00" in data:
+        raise _nul(())
+    if not isinstance(data, dict | list):
+        return data
+    levels: list[tuple[Iterator[tuple[str | int, Any]], tuple[str | int, ...]]] = [(_items(data), ())]
+    while levels:
+        children, at = levels[-1]
+        step = next(children, None)
+        if step is None:
+            levels.pop()
+            continue
+        key, child = step
+        if nul and isinstance(key, str) and "\x00" in key:
+            raise _nul((*at, key))
+        if isinstance(child, dict | list):
+            if len(levels) >= MAX_DEPTH:
+                raise BadRequest(too_deep)
+            levels.append((_items(child), (*at, key)))
+        elif nul and isinstance(child, str) and "\x00" in child:
+            raise _nul((*at, key))
     return data
+
+
+def _items(value: dict[str, Any] | list[Any]) -> Iterator[tuple[str | int, Any]]:
+    return iter(value.items()) if isinstance(value, dict) else enumerate(value)
 
 
 def _nul(path: Sequence[str | int]) -> ValidationFailed:
