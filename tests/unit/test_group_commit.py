@@ -30,8 +30,9 @@ class Writes:
         return [row % 2 == 0 for row in rows]
 
 
-def write_together(writes: Writes, rows: list[int]) -> list[object]:
-    group = GroupCommit(writes)
+def write_together(writes: Writes, rows: list[int], most: int = 200) -> list[object]:
+    """Write `rows[0]` and, while it is being written, all the others: each one's outcome."""
+    group = GroupCommit(writes, most=most)
     with ThreadPoolExecutor(len(rows)) as pool:
         first = pool.submit(group.write, rows[0])
         writes.first.wait(5)
@@ -72,15 +73,7 @@ def test_postgres_down_fails_the_whole_group_at_once() -> None:
 
 def test_a_group_is_at_most_its_size() -> None:
     writes = Writes()
-    group = GroupCommit(writes, most=3)
-    with ThreadPoolExecutor(8) as pool:
-        first = pool.submit(group.write, 0)
-        writes.first.wait(5)
-        rest = [pool.submit(group.write, row) for row in range(1, 8)]
-        while len(group._waiting) < 7:
-            threading.Event().wait(0.001)
-        writes.gate.set()
-        assert [f.result(5) for f in [first, *rest]] == [i % 2 == 0 for i in range(8)]
+    assert write_together(writes, list(range(8)), most=3) == [i % 2 == 0 for i in range(8)]
     assert [len(g) for g in writes.groups] == [1, 3, 3, 1]
 
 
@@ -97,15 +90,7 @@ def test_whoever_writes_next_writes_its_own_row_first() -> None:
     written (a caller told nothing would take its paid answer as lost)."""
     for _ in range(50):  # which waiting writer goes next is up to the scheduler
         writes = Writes()
-        group = GroupCommit(writes, most=2)
-        with ThreadPoolExecutor(6) as pool:
-            first = pool.submit(group.write, 0)
-            writes.first.wait(5)
-            rest = [pool.submit(group.write, row) for row in range(1, 6)]
-            while len(group._waiting) < 5:
-                threading.Event().wait(0.001)
-            writes.gate.set()
-            assert [f.result(5) for f in [first, *rest]] == [i % 2 == 0 for i in range(6)]
+        assert write_together(writes, list(range(6)), most=2) == [i % 2 == 0 for i in range(6)]
         assert sorted(row for g in writes.groups for row in g) == list(range(6))
         assert all(len(g) <= 2 for g in writes.groups)
 
