@@ -49,3 +49,42 @@ def test_a_request_that_waited_for_a_connection_past_its_time_is_not_sent(fake: 
     assert departure.written_at is not None and departure.sent_at <= departure.written_at
     assert departure.left_at == departure.written_at
     client.close()
+
+
+def test_a_request_is_written_at_once_when_it_reads_and_not_at_all_when_late() -> None:
+    """Headers and body go out in one write, checked just before it: nothing a descheduled
+    thread does between them can make a request reach the provider after its time."""
+    import socket
+
+    import httpcore2
+    from ai_rate_limiter.adapters import egress
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    backend = egress._pinned_backend(httpcore2)(egress.allowlist(f"127.0.0.1:{port}"))
+    stream = backend.connect_tcp("127.0.0.1", port, timeout=5)
+    peer, _ = server.accept()
+    peer.settimeout(0.2)
+    stream.write(b"POST / HTTP/1.1\r\n\r\n")
+    stream.write(b"body")
+    with pytest.raises(TimeoutError):
+        peer.recv(100)  # nothing has left yet
+    peer.sendall(b"answer")
+    assert stream.read(100, timeout=5) == b"answer"
+    assert peer.recv(100) == b"POST / HTTP/1.1\r\n\r\nbody"  # one piece, once the answer is read
+
+    departure = Departure(leave_by=time.monotonic() + 0.05, on_late=late)
+    departing(departure)
+    try:
+        stream.write(b"late")
+        time.sleep(0.1)  # past its time with all its bytes ready
+        with pytest.raises(LateForSlot):
+            stream.read(100, timeout=5)
+    finally:
+        departing(None)
+    assert departure.sent_at is None
+    with pytest.raises(TimeoutError):
+        peer.recv(100)  # it never left
+    stream.close()
+    peer.close()
+    server.close()

@@ -15,6 +15,7 @@ used (a proxy would resolve the name itself).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import re
@@ -69,30 +70,28 @@ def departing(departure: Departure | None) -> None:
     _departures.current = departure
 
 
-SEND_STARTED = ("http11.send_request_headers.started", "http2.send_request_headers.started")
-WRITTEN = ("http11.send_request_body.complete", "http2.send_request_body.complete")
-
-
 def _check_departure(request: Any) -> None:
-    """A request keeps to its departure at the last step before its bytes go out: once it has
-    a connection (from the pool, or opened and through TLS), as it starts writing its headers
-    (an httpcore trace event); one that would leave later is not written at all."""
+    """A request already late when it is about to take a connection is not sent, and takes
+    none; the last check is in `_leaving`, as its bytes go out."""
     departure: Departure | None = getattr(_departures, "current", None)
-    if departure is None:
-        return
-    if time.monotonic() > departure.leave_by:  # already late: no connection is taken for it
+    if departure is not None and time.monotonic() > departure.leave_by:
         raise departure.on_late(time.monotonic() - departure.leave_by)
 
-    def trace(event: str, info: dict[str, Any]) -> None:
-        if event in SEND_STARTED:
-            now = time.monotonic()
-            if now > departure.leave_by:
-                raise departure.on_late(now - departure.leave_by)
-            departure.sent_at = now
-        elif event in WRITTEN:
-            departure.written_at = time.monotonic()
 
-    request.extensions["trace"] = trace
+def _leaving(write: Callable[[], None]) -> None:
+    """Hand a request to the network with `write`, if the calling thread's departure allows:
+    checked just before, once the request has its connection (from the pool, or opened and
+    through TLS) and all of its bytes are ready, so a late one is not written at all."""
+    departure: Departure | None = getattr(_departures, "current", None)
+    if departure is None or departure.sent_at is not None:
+        write()
+        return
+    now = time.monotonic()
+    if now > departure.leave_by:
+        raise departure.on_late(now - departure.leave_by)
+    departure.sent_at = now
+    write()
+    departure.written_at = time.monotonic()
 
 
 @functools.cache
@@ -300,9 +299,52 @@ def _pinned(
     raise last
 
 
+def _one_write_stream(core: ModuleType) -> Any:
+    """httpcore's stream holding what is written until the first read, then writing it at once.
+
+    httpcore writes a request's headers and its body separately; between the two a thread can
+    wait for the interpreter for many milliseconds on a busy machine, and the provider counts
+    the request only once its last byte is in. One write leaves nothing between the departure
+    check and the wire but the write itself (HTTP/1.1 always reads after a whole request)."""
+
+    class OneWriteStream(core.NetworkStream):  # type: ignore[name-defined]
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+            self.pending: list[bytes] = []
+            self.timeout: float | None = None
+
+        def write(self, buffer: bytes, timeout: float | None = None) -> None:
+            if buffer:
+                self.pending.append(bytes(buffer))
+                self.timeout = timeout
+
+        def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+            if self.pending:
+                data = b"".join(self.pending)
+                self.pending.clear()
+                # As httpcore does: a server may have answered and closed early.
+                with contextlib.suppress(core.WriteError):
+                    _leaving(lambda: self.inner.write(data, self.timeout))
+            return bytes(self.inner.read(max_bytes, timeout))
+
+        def close(self) -> None:
+            self.pending.clear()
+            self.inner.close()
+
+        def start_tls(self, *args: Any, **kwargs: Any) -> Any:
+            return OneWriteStream(self.inner.start_tls(*args, **kwargs))
+
+        def get_extra_info(self, info: str) -> Any:
+            return self.inner.get_extra_info(info)
+
+    return OneWriteStream
+
+
 def _pinned_backend(core: ModuleType) -> Any:
     """httpcore's network backend connecting only to vetted addresses, for `core`: httpcore
     (under `httpx`) or httpcore2 (under `httpx2`, the SDKs' client), which have the same API."""
+
+    stream = _one_write_stream(core)
 
     class PinnedBackend(core.NetworkBackend):  # type: ignore[name-defined]
         def __init__(self, allow: Allow) -> None:
@@ -317,13 +359,14 @@ def _pinned_backend(core: ModuleType) -> Any:
             local_address: str | None = None,
             socket_options: Iterable[Any] | None = None,
         ) -> Any:
-            return _pinned(
+            connected = _pinned(
                 lambda address: self.inner.connect_tcp(address, port, timeout, local_address, socket_options),
                 host,
                 port,
                 self.allow,
                 (core.ConnectError, core.ConnectTimeout),
             )
+            return stream(connected)
 
         def connect_unix_socket(
             self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None

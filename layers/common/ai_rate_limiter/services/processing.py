@@ -180,9 +180,8 @@ def attempt_until_done(
             if lease is not None:  # it expires by itself if Redis cannot be told
                 quietly(c.limiter.release, concurrency_key(provider), lease)
             if departure.left_at is not None:
-                # Measured to the last byte written: what the check before the first cannot
-                # see (a thread descheduled mid-write on a busy machine) is what the guard
-                # has to cover.
+                # Measured to when the write returned: what the check just before it cannot
+                # see (the write itself, on a busy machine) is what the guard has to cover.
                 ticket.departed(provider.id, departure.left_at - departure.slot_at)
 
 
