@@ -160,7 +160,7 @@ def get_health() -> Response:
     return json_response(report, 200 if ok else 503)
 
 
-@route("/provider/create", "POST", 201, body=[ProviderIn])
+@route("/provider/create", "POST", 201, body=[ProviderIn], yields=["provider_id"])
 def create_provider() -> Any:
     return providers.create(c(), tenant(), body())
 
@@ -186,7 +186,7 @@ def delete_provider(provider_id: str) -> Any:
     return {"provider_id": provider_id, "deleted": True}
 
 
-@route("/queue/create", "POST", 201, body=[QueueIn])
+@route("/queue/create", "POST", 201, body=[QueueIn], yields=["queue_id"])
 def create_queue() -> Any:
     return queues.create(c(), tenant(), body())
 
@@ -216,7 +216,7 @@ def delete_queue(queue_id: str) -> Any:
     return queues.delete(c(), tenant(), queue_id)
 
 
-@route("/message/create", "POST", 202, body=[MessageIn, BatchIn])
+@route("/message/create", "POST", 202, body=[MessageIn, BatchIn], yields=["message_id", "batch_id"])
 def create_message() -> Any:
     return messages.submit(c(), tenant(), body())
 
@@ -256,7 +256,7 @@ def batch_results(batch_id: str) -> Response:
     return Response(payload, status_code=200, headers=headers)
 
 
-@route("/admin/tenants", "POST", 201, access="admin", body=[TenantIn])
+@route("/admin/tenants", "POST", 201, access="admin", body=[TenantIn], yields=["tenant_id", "key_id"])
 def create_tenant() -> Any:
     return tenants.create(c(), body())
 
@@ -266,7 +266,15 @@ def list_tenants() -> Any:
     return tenants.list_all(c())
 
 
-@route("/admin/tenants/{tenant_id}/keys", "POST", 201, access="admin", body=[KeyIn], body_required=False)
+@route(
+    "/admin/tenants/{tenant_id}/keys",
+    "POST",
+    201,
+    access="admin",
+    body=[KeyIn],
+    body_required=False,
+    yields=["tenant_id", "key_id"],
+)
 def add_tenant_key(tenant_id: str) -> Any:
     return tenants.add_key(c(), tenant_id, body() if request().raw_body else {})  # the body is optional
 

@@ -1,7 +1,18 @@
 from __future__ import annotations
 
+import re
+
 import pytest
-from ai_rate_limiter.domain.schemas import BatchIn, MessageIn, ProviderIn, ProviderPatch, QueueIn, parse
+from ai_rate_limiter.domain.schemas import (
+    URL_PATTERN,
+    BatchIn,
+    MessageIn,
+    ProviderIn,
+    ProviderPatch,
+    QueueIn,
+    QueuePatch,
+    parse,
+)
 from ai_rate_limiter.errors import BadRequest, ValidationFailed
 
 SEED_PROVIDER = {
@@ -93,6 +104,44 @@ def test_batch_errors_point_at_the_item() -> None:
 def test_webhook_must_be_http() -> None:
     with pytest.raises(ValidationFailed, match="webhook_url"):
         parse(BatchIn, {"queue_id": "q", "messages": [{"prompt": "a"}], "webhook_url": "file:///x"})
+
+
+@pytest.mark.parametrize(
+    ("url", "taken"),
+    [
+        ("https://api.openai.com", True),
+        ("https://example.openai.azure.com/openai?x=1", True),
+        ("http://127.0.0.1:8600/v1", True),
+        ("https://a:65535", True),
+        ("https://a:65536", False),
+        ("https://a:0", False),
+        ("https://user:pw@a", False),  # no credentials in a URL
+        ("https://[::1]/", False),  # a host by name or IPv4 address
+        ("https://a b", False),
+        ("HTTPS://a", False),
+        ("https://a.", False),
+        ("0000", False),
+    ],
+)
+def test_urls_take_the_shape_the_openapi_pattern_says(url: str, taken: bool) -> None:
+    """The pattern OpenAPI publishes for a URL is the one checked: what fits it is taken (the
+    egress guard then judges where it points), what does not is refused."""
+    assert bool(re.match(URL_PATTERN, url)) is taken
+    body = {"queue_id": "q", "messages": [{"prompt": "a"}], "webhook_url": url}
+    if taken:
+        assert parse(BatchIn, body).webhook_url == url
+    else:
+        with pytest.raises(ValidationFailed, match="webhook_url"):
+            parse(BatchIn, body)
+
+
+def test_integers_may_be_written_as_integral_numbers() -> None:
+    """JSON Schema's `integer` is any number without a fraction."""
+    assert parse(ProviderPatch, {"limit": 5.0}).limit == 5
+    assert parse(QueuePatch, {"workers": 2.0}).workers == 2
+    for bad in (5.5, True, "5", float("inf")):
+        with pytest.raises(ValidationFailed, match="limit"):
+            parse(ProviderPatch, {"limit": bad})
 
 
 def test_a_body_that_is_not_an_object_is_a_bad_request() -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Sequence
-from typing import Annotated, Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
     BaseModel,
@@ -15,6 +14,7 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -31,20 +31,37 @@ Name = Annotated[str, Field(min_length=1, max_length=200)]
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integral(cls, value: Any, info: ValidationInfo) -> Any:
+        """JSON has one kind of number, and JSON Schema's `integer` is any number without a
+        fraction: 3.0 is 3 where an integer is asked for (and 3.5 or true are still refused)."""
+        if isinstance(value, float) and value.is_integer() and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if annotation is int or int in get_args(annotation):
+                return int(value)
+        return value
+
+
+_PORT = r"(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
+# An absolute http(s) URL naming its host (a name or an IPv4 address) and at most a port;
+# where the host points is the egress guard's to judge, when the URL is registered.
+URL_PATTERN = rf"^https?://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?{_PORT}(?:[/?#][^\s\x00]*)?$"
+Url = Annotated[str, Field(max_length=2000, json_schema_extra={"pattern": URL_PATTERN, "format": "uri"})]
+
 
 def check_url(value: str | None) -> str | None:
     if value is None:
         return None
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an absolute http(s) URL")
+    if not re.match(URL_PATTERN, value):
+        raise ValueError("must be an absolute http(s) URL: http(s)://host[:port][/path]")
     return value
 
 
 class ProviderConfig(Strict):
     model_config = ConfigDict(extra="allow", strict=True)
     model: Name | None = None
-    endpoint: str | None = Field(default=None, max_length=2000)
+    endpoint: Url | None = None
     api_version: Name | None = None
     deployment: Name | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
@@ -73,23 +90,44 @@ def _any_case(words: list[str]) -> str:
 PROVIDER_TYPE = Field(json_schema_extra={"pattern": _any_case([*ProviderType, *PROVIDER_ALIASES])})
 
 
+API_KEY = r"^[\x21-\x7e]+$"  # printable ASCII: it goes into an HTTP header as it is
+LEFT_OUT: Any = None  # the default of a patch field that may be left out but never be null
+
+
 class ProviderFields(Strict):
-    provider_name: Name | None = None
-    provider_type: Annotated[str, PROVIDER_TYPE] | None = None
-    api_key: str | None = Field(default=None, min_length=1, max_length=1000, pattern=r"^\S+$")
-    limit: int | None = Field(default=None, ge=1, le=10_000_000)
-    time_window: float | None = Field(default=None, gt=0, le=86_400 * 31)
+    """A provider's fields, each optional (a patch); null only where it means "no limit"."""
+
+    provider_name: Name = LEFT_OUT
+    provider_type: Annotated[str, PROVIDER_TYPE] = LEFT_OUT
+    api_key: str = Field(default=LEFT_OUT, min_length=1, max_length=1000, pattern=API_KEY)
+    limit: int = Field(default=LEFT_OUT, ge=1, le=10_000_000)
+    time_window: float = Field(default=LEFT_OUT, gt=0, le=86_400 * 31)
     token_limit: int | None = Field(default=None, ge=1, le=10_000_000_000)
     max_concurrency: int | None = Field(default=None, ge=1, le=10_000)
-    config: ProviderConfig | None = None
+    config: ProviderConfig = LEFT_OUT
 
     _type = field_validator("provider_type")(lambda v: None if v is None else provider_type(v))
 
 
+_AZURE = _any_case([ProviderType.AZURE, *(k for k, v in PROVIDER_ALIASES.items() if v == ProviderType.AZURE)])
+
+
 class ProviderIn(ProviderFields):
+    # What `azure_needs_endpoint` checks, as JSON Schema says it.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"provider_type": {"pattern": _AZURE}}, "required": ["provider_type"]},
+            "then": {
+                "required": ["config"],
+                "properties": {
+                    "config": {"required": ["endpoint"], "properties": {"endpoint": {"type": "string"}}}
+                },
+            },
+        }
+    )
     provider_name: Name
     provider_type: Annotated[str, PROVIDER_TYPE]
-    api_key: str = Field(min_length=1, max_length=1000, pattern=r"^\S+$")
+    api_key: str = Field(min_length=1, max_length=1000, pattern=API_KEY)
     limit: int = Field(ge=1, le=10_000_000)
     time_window: float = Field(default=60.0, gt=0, le=86_400 * 31)
     config: ProviderConfig = Field(default_factory=ProviderConfig)
@@ -102,7 +140,7 @@ class ProviderIn(ProviderFields):
 
 
 class ProviderPatch(ProviderFields):
-    pass
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})  # at least one field to change
 
 
 class ProviderRef(Strict):
@@ -175,7 +213,7 @@ class MessageIn(MessageFields):
 class BatchIn(Strict):
     queue_id: Name
     messages: list[MessageFields] = Field(min_length=1)
-    webhook_url: str | None = Field(default=None, max_length=2000)
+    webhook_url: Url | None = None
     webhook_event: Literal["on_complete"] = "on_complete"
 
     _url = field_validator("webhook_url")(check_url)

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from ..domain.schemas import MAX_DEPTH
+from ..domain.schemas import MAX_DEPTH, QUEUE_ID, TENANT_ID
 
 PROBLEM = "application/problem+json"
 TITLES = {
@@ -42,6 +42,35 @@ class Operation:
     body_required: bool = True
     query: Sequence[tuple[str, dict[str, Any]]] = field(default_factory=tuple)
     produces: Sequence[str] = ("application/json",)
+    yields: Sequence[str] = ()  # ids in the answer's body that other operations take in their path
+
+
+UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+# What each id in a path looks like (ids the API makes are UUIDs); any other is unknown: 404.
+PATH_PATTERNS = {"tenant_id": TENANT_ID, "queue_id": QUEUE_ID.pattern}
+
+
+def path_params(path: str) -> list[str]:
+    return re.findall(r"\{([^}]+)\}", path)
+
+
+def links(op: Operation, operations: Sequence[Operation]) -> dict[str, Any]:
+    """OpenAPI links from `op`'s answer to every operation whose path takes only ids it yields,
+    and to every operation with no path ids whose body takes one (a queue's id to send messages
+    to it), so a client, or a fuzzer's stateful phase, can follow what was made."""
+    out: dict[str, Any] = {}
+    for target in operations:
+        params = path_params(target.path)
+        fields = sorted({name for m in target.body for name in m.model_fields} & set(op.yields))
+        if target is op or not ((params and set(params) <= set(op.yields)) or (fields and not params)):
+            continue
+        link: dict[str, Any] = {"operationId": target.name}
+        if params:
+            link["parameters"] = {name: f"$response.body#/{name}" for name in params}
+        else:
+            link["requestBody"] = {name: f"$response.body#/{name}" for name in fields}
+        out[target.name] = link
+    return out
 
 
 def _problem_schema() -> dict[str, Any]:
@@ -68,18 +97,65 @@ def _problem_schema() -> dict[str, Any]:
     }
 
 
+NO_NUL = r"^[^\x00]*$"  # Postgres stores no NUL character, so the API takes none
+JSON_VALUE = "#/components/schemas/JsonValue"
+
+
+def _json_value_schema() -> dict[str, Any]:
+    """Any JSON value without a NUL character: what free-form objects (metadata, extra, a
+    provider's config) hold."""
+    return {
+        "anyOf": [
+            {"type": "null"},
+            {"type": "boolean"},
+            {"type": "number"},
+            {"type": "string", "pattern": NO_NUL},
+            {"type": "array", "items": {"$ref": JSON_VALUE}},
+            {
+                "type": "object",
+                "additionalProperties": {"$ref": JSON_VALUE},
+                "propertyNames": {"pattern": NO_NUL},
+            },
+        ]
+    }
+
+
+def _without_nul(schema: Any) -> None:
+    """Say in `schema` that no string in it holds a NUL character: a string with no pattern of
+    its own gets NO_NUL (the patterns the models give exclude NUL already), and an object open
+    to any property holds JSON values without one. (And a field that may be left out but not
+    be null has no default of null.)"""
+    if isinstance(schema, list):
+        for item in schema:
+            _without_nul(item)
+        return
+    if not isinstance(schema, dict):
+        return
+    if "default" in schema and schema["default"] is None and schema.get("type") not in (None, "null"):
+        del schema["default"]  # a field that may be left out, but not sent as null
+    if schema.get("type") == "string" and "pattern" not in schema and "enum" not in schema:
+        schema["pattern"] = NO_NUL
+    if schema.get("type") == "object" and schema.get("additionalProperties", True) is True:
+        schema["additionalProperties"] = {"$ref": JSON_VALUE}
+        schema["propertyNames"] = {"pattern": NO_NUL}
+    for value in schema.values():
+        _without_nul(value)
+
+
 def document(operations: Sequence[Operation], title: str, version: str, max_workers: int) -> dict[str, Any]:
     models = sorted({m for op in operations for m in op.body}, key=lambda m: m.__name__)
     _, defs = models_json_schema(
         [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
     )
-    schemas: dict[str, Any] = {**defs.get("$defs", {}), "Problem": _problem_schema()}
+    schemas: dict[str, Any] = defs.get("$defs", {})
+    _without_nul(schemas)
+    schemas.update(Problem=_problem_schema(), JsonValue=_json_value_schema())
     for schema in schemas.values():  # what the deployment allows (MAX_WORKERS), not the model's bound
         if "workers" in schema.get("properties", {}):
             schema["properties"]["workers"]["maximum"] = max_workers
     paths: dict[str, dict[str, Any]] = {}
     for op in operations:
-        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op)
+        paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, links(op, operations))
     return {
         "openapi": "3.1.0",
         "info": {
@@ -102,10 +178,15 @@ def document(operations: Sequence[Operation], title: str, version: str, max_work
     }
 
 
-def _operation(op: Operation) -> dict[str, Any]:
+def _operation(op: Operation, links: dict[str, Any]) -> dict[str, Any]:
     params = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
-        for name in re.findall(r"\{([^}]+)\}", op.path)
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "pattern": PATH_PATTERNS.get(name, UUID)},
+        }
+        for name in path_params(op.path)
     ]
     params += [
         {"name": name, "in": "query", "required": False, "schema": schema} for name, schema in op.query
@@ -117,6 +198,7 @@ def _operation(op: Operation) -> dict[str, Any]:
                 media: {"schema": {"type": "object"} if "json" in media else {"type": "string"}}
                 for media in op.produces
             },
+            **({"links": links} if links else {}),
         }
     }
     errors = [404, 405, 429, 503]

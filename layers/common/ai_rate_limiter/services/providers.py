@@ -8,7 +8,7 @@ from typing import Any
 from ..adapters.egress import check_destination
 from ..bootstrap import Container
 from ..domain.schemas import ProviderIn, ProviderPatch, parse
-from ..errors import NotFound, ValidationFailed
+from ..errors import Conflict, NotFound, ValidationFailed
 from .views import Row, provider_view
 
 
@@ -78,7 +78,12 @@ def update(c: Container, tenant: str, provider_id: str, body: Any) -> Row:
         **{k: v for k, v in patch.items() if k != "config"},
         "config": {**current["config"], **(patch.get("config") or {})},
     }
-    checked = parse(ProviderIn, merged)
+    try:
+        checked = parse(ProviderIn, merged)
+    except ValidationFailed as exc:  # the patch is valid, but not with what is stored
+        raise Conflict(
+            f"The provider would not be valid with this change: {exc.detail}", **exc.extra
+        ) from None
     if "endpoint" in (patch.get("config") or {}):
         check_endpoint(c, checked.config.endpoint)
     full = provider_row(checked)
