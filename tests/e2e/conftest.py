@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -79,19 +80,22 @@ def wait_until(check: Callable[[], Any], timeout: float, every: float = 0.25) ->
         time.sleep(every)
 
 
-@pytest.fixture(scope="session")
-def stack(services: None, receiver_server: Receiver) -> Iterator[Stack]:
+@contextlib.contextmanager
+def running_stack(receiver: Receiver, name: str, redis_db: int, **extra_env: str) -> Iterator[Stack]:
+    """`python -m local.up` on free ports with its own database (`..._<name>`), Redis database
+    and broker prefix, fresh; stopped with SIGTERM, which it must answer by exiting 0."""
     fake_port = free_port()
     settings = base_settings(
-        database_url=base_settings().database_url.replace("_test", "_e2e"),
-        redis_url="redis://127.0.0.1:6379/14",
+        database_url=base_settings().database_url.replace("_test", f"_{name}"),
+        redis_url=f"redis://127.0.0.1:6379/{redis_db}",
+        broker_prefix=f"{base_settings().broker_prefix}{name}",
         api_port=free_port(),
         fake_provider_port=fake_port,
-        egress_allow=egress_allow(f"http://127.0.0.1:{fake_port}", receiver_server.url),
+        egress_allow=egress_allow(f"http://127.0.0.1:{fake_port}", receiver.url),
     )
     c = fresh_state(Container(settings))
-    log = Path(tempfile.mkstemp(prefix="airl-e2e-", suffix=".log")[1])
-    env = stack_env(settings)
+    log = Path(tempfile.mkstemp(prefix=f"airl-{name}-", suffix=".log")[1])
+    env = stack_env(settings, **extra_env)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "local.up"],
@@ -117,3 +121,10 @@ def stack(services: None, receiver_server: Receiver) -> Iterator[Stack]:
         c.close()
         print(log.read_text()[-3000:])
         assert code == 0, f"local.up exited {code} on SIGTERM"
+
+
+@pytest.fixture(scope="session")
+def stack(services: None, receiver_server: Receiver) -> Iterator[Stack]:
+    """The stack as `make up` runs it: the defaults (the API's inbound limits included)."""
+    with running_stack(receiver_server, "e2e", 14) as running:
+        yield running
