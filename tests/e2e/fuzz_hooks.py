@@ -55,7 +55,7 @@ def filter_failure(context: Any, failure: Any, case: Any, response: Any) -> bool
         return True
     return not errors or not all(
         isinstance(e, dict)
-        and str(e.get("field", "")).rsplit(".", 1)[-1] in ("endpoint", "webhook_url")
+        and str(e.get("field", "")).rsplit(".", 1)[-1] in URL_FIELDS
         and any(mark in str(e.get("message", "")) for mark in EGRESS_REFUSALS)
         for e in errors
     )
