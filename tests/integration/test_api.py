@@ -64,8 +64,17 @@ def test_provider_errors_change_nothing(api: Api, container: Container, fake: Fa
     assert_problem(api.call("patch", f"/provider/update/{pid}", {"provider_type": "nope"}), 422)
     assert_problem(api.call("patch", f"/provider/update/{pid}", {}), 422, "Nothing to update")
     assert_problem(api.call("patch", "/provider/update/not-a-uuid", {"limit": 1}), 404)
+    assert_problem(api.call("patch", f"/provider/update/{pid}", {"limit": None}), 422, "limit")
+    assert_problem(api.call("patch", f"/provider/update/{pid}", {"limit": 7.5}), 422, "limit")
     assert count_rows(container) == before
     assert api.call("get", f"/provider/{pid}").json["limit"] == 1000
+    # Valid on its own, but not with what is stored: an Azure provider needs an endpoint.
+    bare = api.call("post", "/provider/create", {**provider(fake.url), "config": {"model": "m"}})
+    conflict = api.call("patch", f"/provider/update/{bare.json['provider_id']}", {"provider_type": "azure"})
+    assert_problem(conflict, 409, "endpoint")
+    assert api.call("get", f"/provider/{bare.json['provider_id']}").json["provider_type"] == "openai"
+    # JSON Schema's integer: 7.0 is 7.
+    assert api.call("patch", f"/provider/update/{pid}", {"limit": 7.0}).json["limit"] == 7
 
 
 def test_malformed_bodies(api: Api) -> None:
