@@ -81,6 +81,7 @@ class Environment:
         child.close()
         self.ready = False
         self.used = time.monotonic()
+        self._stopping = threading.Lock()
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         if self.ready:
@@ -117,14 +118,20 @@ class Environment:
         return self.proc.is_alive()
 
     def stop(self, timeout_s: float) -> None:
-        """SIGTERM: the invocation hands back what it has not sent and waits for its calls."""
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(timeout_s)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
-        self.conn.close()
+        """SIGTERM: the invocation hands back what it has not sent and waits for its calls.
+        Once, whoever asks first: the bridge closing and an invocation handing its environment
+        back can stop it at the same moment, and a pipe closed twice at once may close another
+        file that took its descriptor."""
+        with self._stopping:
+            if self.conn.closed:
+                return
+            if self.proc.is_alive():
+                self.proc.terminate()
+                self.proc.join(timeout_s)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(5)
+            self.conn.close()
 
 
 class Environments:
