@@ -288,4 +288,10 @@ def revoke_tenant_key(tenant_id: str, key_id: str) -> Any:
 @route("/openapi.json", "GET")
 def get_openapi() -> Any:
     """This API's OpenAPI 3.1 description"""
-    return document(OPERATIONS, "AI Rate Limiter", "1", c().settings.max_workers)
+    return described(c().settings.max_workers)
+
+
+@functools.cache
+def described(max_workers: int) -> dict[str, Any]:
+    """Built once per process: the routes are all registered at import."""
+    return document(OPERATIONS, "AI Rate Limiter", "1", max_workers)

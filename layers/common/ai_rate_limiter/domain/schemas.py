@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Sequence
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -14,7 +14,6 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -31,29 +30,27 @@ Name = Annotated[str, Field(min_length=1, max_length=200)]
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    @field_validator("*", mode="before")
-    @classmethod
-    def _integral(cls, value: Any, info: ValidationInfo) -> Any:
-        """JSON has one kind of number, and JSON Schema's `integer` is any number without a
-        fraction: 3.0 is 3 where an integer is asked for (and 3.5 or true are still refused)."""
-        if isinstance(value, float) and value.is_integer() and info.field_name is not None:
-            annotation = cls.model_fields[info.field_name].annotation
-            if annotation is int or int in get_args(annotation):
-                return int(value)
-        return value
+
+def integral(*fields: str) -> Any:
+    """JSON has one kind of number, and JSON Schema's `integer` is any number without a
+    fraction: these integer fields take 3.0 as 3 (and still refuse 3.5 or true)."""
+    return field_validator(*fields, mode="before")(
+        lambda value: int(value) if isinstance(value, float) and value.is_integer() else value
+    )
 
 
 _PORT = r"(?::(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
 # An absolute http(s) URL naming its host (a name or an IPv4 address) and at most a port;
 # where the host points is the egress guard's to judge, when the URL is registered.
 URL_PATTERN = rf"^https?://[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?{_PORT}(?:[/?#][^\s\x00]*)?$"
+_URL = re.compile(URL_PATTERN)
 Url = Annotated[str, Field(max_length=2000, json_schema_extra={"pattern": URL_PATTERN, "format": "uri"})]
 
 
 def check_url(value: str | None) -> str | None:
     if value is None:
         return None
-    if not re.match(URL_PATTERN, value):
+    if not _URL.match(value):
         raise ValueError("must be an absolute http(s) URL: http(s)://host[:port][/path]")
     return value
 
@@ -68,6 +65,7 @@ class ProviderConfig(Strict):
     temperature: float | None = Field(default=None, ge=0, le=2)
 
     _url = field_validator("endpoint")(check_url)
+    _int = integral("max_tokens")
 
 
 def provider_type(value: str) -> str:
@@ -107,6 +105,7 @@ class ProviderFields(Strict):
     config: ProviderConfig = LEFT_OUT
 
     _type = field_validator("provider_type")(lambda v: None if v is None else provider_type(v))
+    _int = integral("limit", "token_limit", "max_concurrency")
 
 
 _AZURE = _any_case([ProviderType.AZURE, *(k for k, v in PROVIDER_ALIASES.items() if v == ProviderType.AZURE)])
@@ -166,6 +165,8 @@ class QueueIn(Strict):
     providers: list[QueueProvider] = Field(min_length=1, max_length=20)
     workers: Workers = 1
 
+    _int = integral("workers")
+
     @field_validator("queue_id")
     @classmethod
     def queue_id_shape(cls, value: str) -> str:
@@ -176,6 +177,8 @@ class QueueIn(Strict):
 
 class QueuePatch(Strict):
     workers: Workers
+
+    _int = integral("workers")
 
 
 # Request fields `extra` may not set: the message's own fields (the limiter reserves tokens by
@@ -193,6 +196,8 @@ class MessageFields(Strict):
     custom_id: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     metadata: dict[str, Any] | None = None
     extra: dict[str, Any] | None = None
+
+    _int = integral("max_tokens")
 
     @field_validator("extra")
     @classmethod
