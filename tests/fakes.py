@@ -17,12 +17,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeAlias
 
-from ai_rate_limiter.adapters.egress import Departure
+from ai_rate_limiter.adapters.egress import Departure, keep_to
 from ai_rate_limiter.config import Settings
 from ai_rate_limiter.domain.limits import Limit, Reservation
 from ai_rate_limiter.domain.models import ChatRequest, ClaimedMessage, Provider, ProviderResult, Usage
 from ai_rate_limiter.domain.names import BrokerNames, broker_names
-from ai_rate_limiter.errors import LimiterUnavailable, ProviderError
+from ai_rate_limiter.errors import LateForSlot, LimiterUnavailable, ProviderError
 
 Row = dict[str, Any]
 T = "default"
@@ -433,10 +433,12 @@ class ScriptedProviders:
         if self.before_send is not None:
             self.before_send(p)
         now = self.clock.monotonic()
-        if departure is not None and now > departure.leave_by:
-            self.calls.append(Call(p.id, now, False, req))
-            raise departure.on_late(now - departure.leave_by)
         if departure is not None:
+            try:
+                now = keep_to(departure, self.clock.monotonic)  # as the egress stream does
+            except LateForSlot:
+                self.calls.append(Call(p.id, self.clock.monotonic(), False, req))
+                raise
             departure.sent_at = now
             self.clock.advance(self.write_s)
             departure.written_at = self.clock.monotonic()

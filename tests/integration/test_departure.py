@@ -88,3 +88,38 @@ def test_a_request_is_written_at_once_when_it_reads_and_not_at_all_when_late() -
     stream.close()
     peer.close()
     server.close()
+
+
+def test_a_request_late_at_the_wire_is_sent_once_it_is_retimed(fake: FakeProvider) -> None:
+    """Late with its connection and bytes ready, a request is offered to `retime` first: moved
+    to a fresh time it goes at once, on the same connection; refused, it is not sent."""
+    client = sdk_http_client(10, max_connections=1, allow=urlsplit(fake.url).netloc)
+    url = f"{fake.url}/v1/chat/completions"
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    headers = {"authorization": "Bearer sk-retime-test"}
+    asked: list[float] = []
+
+    def retime(late_s: float) -> bool:
+        asked.append(late_s)
+        departure.leave_by = time.monotonic() + 1.0
+        return True
+
+    departure = Departure(leave_by=time.monotonic() - 0.01, on_late=late, retime=retime)
+    departing(departure)
+    try:
+        assert client.post(url, json=body, headers=headers).status_code == 200
+    finally:
+        departing(None)
+    assert len(asked) == 1 and asked[0] >= 0.01  # retimed once, at the first check
+    assert departure.sent_at is not None and departure.sent_at <= departure.leave_by
+    assert fake.stats()["total"]["requests"] == 1
+
+    departure = Departure(leave_by=time.monotonic() - 0.01, on_late=late, retime=lambda late_s: False)
+    departing(departure)
+    try:
+        with pytest.raises(LateForSlot):
+            client.post(url, json=body, headers=headers)
+    finally:
+        departing(None)
+    assert departure.sent_at is None and fake.stats()["total"]["requests"] == 1
+    client.close()

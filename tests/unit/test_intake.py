@@ -29,14 +29,21 @@ def test_slots_far_apart_let_the_backlog_wait_in_the_broker() -> None:
     assert intake.next_slot_after(5.0)  # the next one may start after 5 s: near the end, ask first
 
 
-def test_late_requests_held_back_count_towards_the_guard() -> None:
+def test_the_guard_grows_with_write_times_and_not_with_requests_held_back() -> None:
+    """A request held back never left, so it cannot arrive late; one that was sent may have
+    reached the wire anywhere between its departure check and the end of its write."""
     intake = Intake(lookahead_s=1.0, max_in_flight=100)
     ticket = intake.ticket()
     assert ticket.guard_s(0.03, 0.02) == 0.03  # nothing measured: the floor
     for _ in range(GUARD_MIN_SAMPLES):
-        ticket.held_back("p", 0.08)  # cut off by the departure check, but measured
+        ticket.held_back("p", 0.08)
     intake._p99 = (-math.inf, None)  # computed afresh
-    assert ticket.guard_s(0.03, 0.02) == pytest.approx(0.02 + 1.5 * 0.08)
+    assert ticket.guard_s(0.03, 0.02) == 0.03
+    for _ in range(GUARD_MIN_SAMPLES):
+        ticket.departed("p", delay_s=0.019, write_s=0.04)  # left on time, then a slow write
+    intake._p99 = (-math.inf, None)
+    assert ticket.guard_s(0.03, 0.02) == pytest.approx(0.02 + 1.5 * 0.04)
+    assert (intake.figures["p"].late, intake.figures["p"].sent) == (GUARD_MIN_SAMPLES, GUARD_MIN_SAMPLES)
 
 
 def test_a_message_deferred_for_want_of_a_slot_stops_the_taking_until_the_schedule_is_near() -> None:

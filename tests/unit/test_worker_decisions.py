@@ -35,6 +35,7 @@ from ai_rate_limiter.services.intake import GUARD_MIN_SAMPLES, Intake, Ticket
 from ai_rate_limiter.services.processing import (
     LIMITER_RETRY_S,
     MAX_LATE_WAKEUPS,
+    RETIME_WAIT_S,
     SHUTTING_DOWN,
     Deadline,
     process,
@@ -272,7 +273,9 @@ def test_a_worker_late_at_every_wake_up_sends_nothing_and_hands_the_message_back
     assert (m.status, m.tries) == ("queued", 0)
 
 
-def test_a_request_late_at_its_departure_is_not_sent_and_takes_a_fresh_slot(ports: FakePorts) -> None:
+def test_a_request_late_at_its_departure_takes_a_fresh_slot_where_it_is(ports: FakePorts) -> None:
+    """Late with its connection in hand: the slot goes back and the request waits there for a
+    fresh one, instead of giving up the connection, its built request and its provider."""
     p = queue(ports, request_limit=10, time_window=1.0)
     mid = ports.store.add_message(Q)
     ports.providers.script(p.id, answer("on time"))
@@ -283,8 +286,8 @@ def test_a_request_late_at_its_departure_is_not_sent_and_takes_a_fresh_slot(port
 
     assert run(ports, mid, ticket=intake.ticket()) == "completed"
 
-    late, sent = ports.providers.calls
-    assert not late.sent and sent.sent and us(sent.at) == t0 + us(0.05)
+    [sent] = ports.providers.calls  # one call: not started again
+    assert sent.sent and us(sent.at) == t0 + us(0.05)
     lim = request_limit(p, headroom(ports))
     assert ports.limiter.refunds == [((lim.key,), t0, 1)]
     assert [b.slot_us for b in ports.limiter.booked] == [t0, t0 + us(0.05)]
@@ -293,10 +296,41 @@ def test_a_request_late_at_its_departure_is_not_sent_and_takes_a_fresh_slot(port
     assert (intake.figures[p.id].late, intake.figures[p.id].sent) == (1, 1)
 
 
+def test_a_late_request_with_no_fresh_slot_soon_is_not_sent_and_starts_over(ports: FakePorts) -> None:
+    """When the provider's next slot is further off than RETIME_WAIT_S (another worker took the
+    one after it), the late request is not sent; it gives up its connection and waits for its
+    next slot as any message does."""
+    p = queue(ports, request_limit=1, time_window=1.0)  # a slot every ~1.03 s
+    mid = ports.store.add_message(Q)
+    ports.providers.script(p.id, answer("on time"))
+    lim = request_limit(p, headroom(ports))
+    stalls = deque([0.05])
+
+    def held_up(_: Provider) -> None:
+        if stalls:
+            ports.limiter.reserve([[lim]], 10.0)  # another worker takes the next slot meanwhile
+            ports.clock.advance(stalls.popleft())
+
+    ports.providers.before_send = held_up
+    intake = Intake(1.0, 10)
+    t0 = ports.clock.now_us
+
+    assert run(ports, mid, ticket=intake.ticket()) == "completed"
+
+    late, sent = ports.providers.calls
+    assert not late.sent and us(late.at) == t0 + us(0.05)
+    assert lim.increment_us > us(RETIME_WAIT_S)
+    assert sent.sent and us(sent.at) == t0 + 2 * lim.increment_us
+    assert ports.limiter.refunds == [((lim.key,), t0, 0)]  # a later slot was taken: it stays used
+    assert [b.slot_us for b in ports.limiter.booked] == [t0, t0 + lim.increment_us, t0 + 2 * lim.increment_us]
+    assert (intake.figures[p.id].late, intake.figures[p.id].sent) == (1, 1)
+    assert ports.store.messages[mid].tries == 1
+
+
 def test_the_guard_grows_with_the_time_requests_take_to_be_written(ports: FakePorts) -> None:
-    """A request leaves within LIMITER_LATE_S of its slot by the check before its first byte;
-    a thread descheduled while writing adds what only the time of its last byte shows. The
-    departure delays the guard is sized from run to that last byte."""
+    """A request leaves within LIMITER_LATE_S of its slot by the check before its write; a
+    thread descheduled while writing adds what only the end of the write shows. The guard is
+    sized from the time from that check to the end of the write."""
     p = queue(ports, request_limit=1000, time_window=1.0)
     intake = Intake(1.0, 1000)
     ports.providers.write_s = 0.03

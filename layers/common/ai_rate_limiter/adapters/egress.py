@@ -47,12 +47,15 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 @dataclass
 class Departure:
-    """When a request may leave: not after `leave_by` (this process's monotonic clock), or it
-    is not sent and `on_late` raises. `sent_at` is when it started to leave, `written_at` when
-    the last of its bytes was handed to the network."""
+    """When a request may leave: not after `leave_by` (this process's monotonic clock). A late
+    one is first offered to `retime` (how late it is): True if that moved `leave_by` (a fresh
+    slot, slept until), False to give up; then it is not sent and `on_late` raises. `sent_at`
+    is when it started to leave, `written_at` when the last of its bytes was handed to the
+    network."""
 
     leave_by: float
     on_late: Callable[[float], Exception]
+    retime: Callable[[float], bool] = lambda late_s: False
     sent_at: float | None = None
     written_at: float | None = None
 
@@ -70,12 +73,25 @@ def departing(departure: Departure | None) -> None:
     _departures.current = departure
 
 
+def keep_to(departure: Departure, clock: Callable[[], float] = time.monotonic) -> float:
+    """Now, if the request may leave now: a late one is retimed to a fresh slot where it can
+    be, else not sent (`on_late`'s error). Retiming in place costs one limiter call; giving up
+    costs the connection, a new request and a new choice of provider."""
+    now = clock()
+    while now > departure.leave_by:
+        late = now - departure.leave_by
+        if not departure.retime(late):
+            raise departure.on_late(late)
+        now = clock()
+    return now
+
+
 def _check_departure(request: Any) -> None:
-    """A request already late when it is about to take a connection is not sent, and takes
-    none; the last check is in `_leaving`, as its bytes go out."""
+    """A request already late when it is about to take a connection is retimed or not sent
+    (and takes none); the last check is in `_leaving`, as its bytes go out."""
     departure: Departure | None = getattr(_departures, "current", None)
-    if departure is not None and time.monotonic() > departure.leave_by:
-        raise departure.on_late(time.monotonic() - departure.leave_by)
+    if departure is not None:
+        keep_to(departure)
 
 
 def _leaving(write: Callable[[], None]) -> None:
@@ -86,10 +102,7 @@ def _leaving(write: Callable[[], None]) -> None:
     if departure is None or departure.sent_at is not None:
         write()
         return
-    now = time.monotonic()
-    if now > departure.leave_by:
-        raise departure.on_late(now - departure.leave_by)
-    departure.sent_at = now
+    departure.sent_at = keep_to(departure)
     write()
     departure.written_at = time.monotonic()
 

@@ -45,17 +45,19 @@ class ClockOffset:
         return remote_time - self.high, remote_time - self.low
 
 
-GUARD_SPREAD = 1.5  # the guard covers this many times the p99 of the measured departure delays
+GUARD_SPREAD = 1.5  # the guard covers this many times the p99 of the measured write times
 
 
-def guard_s(floor_s: float, late_s: float, departure_p99_s: float | None) -> float:
-    """How much longer than its window to pace a provider. A request leaves at most `late_s`
-    after its slot; the way to the provider adds its own spread, which grows with the load on
-    the worker's machine, seen in how late its requests leave: the guard is `floor_s` or, when
-    more, `late_s` plus GUARD_SPREAD times the p99 of recent departure delays."""
-    if departure_p99_s is None:
+def guard_s(floor_s: float, late_s: float, write_p99_s: float | None) -> float:
+    """How much longer than its window to pace a provider: as long as requests may arrive
+    after their slots. The check just before a request's write lets it start at most `late_s`
+    after its slot; its bytes are on their way somewhere between that check and the moment the
+    write has returned, a span that grows with the load on the worker's machine (a thread can
+    wait for the interpreter on either side of the system call). So the guard is `floor_s` or,
+    when more, `late_s` plus GUARD_SPREAD times the p99 of recent write times."""
+    if write_p99_s is None:
         return floor_s
-    return max(floor_s, late_s + GUARD_SPREAD * departure_p99_s)
+    return max(floor_s, late_s + GUARD_SPREAD * write_p99_s)
 
 
 @dataclass(frozen=True)

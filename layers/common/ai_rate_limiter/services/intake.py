@@ -18,7 +18,7 @@ from ..domain.limits import guard_s
 
 MAX_UNSLOTTED = 64  # messages taken that have not reserved their first slot yet
 SAMPLES = 2048  # recent measurements kept per provider
-GUARD_SAMPLES = 1000  # recent departure delays the guard is sized from
+GUARD_SAMPLES = 1000  # recent write times the guard is sized from
 GUARD_MIN_SAMPLES = 50
 GUARD_EVERY_S = 0.5
 
@@ -46,7 +46,7 @@ class Intake:
         self.slots = 0
         self.completed = 0
         self.figures: dict[str, ProviderFigures] = {}
-        self.delays: deque[float] = deque(maxlen=GUARD_SAMPLES)
+        self.writes: deque[float] = deque(maxlen=GUARD_SAMPLES)  # from the departure check to written
         self._p99: tuple[float, float | None] = (-math.inf, None)  # (when, value)
         self._cond = threading.Condition()
 
@@ -76,15 +76,15 @@ class Intake:
         with self._cond:
             return self.horizon + self.gap >= at
 
-    def departure_p99(self) -> float | None:
-        """The p99 of recent slot-to-departure delays (None until there are enough)."""
+    def write_p99(self) -> float | None:
+        """The p99 of recent write times (None until there are enough)."""
         now = time.monotonic()
         with self._cond:
             when, value = self._p99
             if now - when < GUARD_EVERY_S:
                 return value
-            delays = sorted(self.delays)
-            value = delays[int(0.99 * len(delays))] if len(delays) >= GUARD_MIN_SAMPLES else None
+            writes = sorted(self.writes)
+            value = writes[int(0.99 * len(writes))] if len(writes) >= GUARD_MIN_SAMPLES else None
             self._p99 = (now, value)
             return value
 
@@ -150,26 +150,26 @@ class Ticket:
             with intake._cond:
                 intake.horizon = max(intake.horizon, at)
 
-    def departed(self, provider_id: str, delay_s: float) -> None:
+    def departed(self, provider_id: str, delay_s: float, write_s: float) -> None:
+        """The request left `delay_s` after its slot; its write took `write_s` from the check."""
         if self.intake is not None:
             with self.intake._cond:
                 figures = self.intake._figures(provider_id)
                 figures.sent += 1
                 figures.delays_s.append(delay_s)
-                self.intake.delays.append(delay_s)
+                self.intake.writes.append(write_s)
 
     def guard_s(self, floor_s: float, late_s: float) -> float:
         """The guard to pace this message's providers with (see `limits.guard_s`)."""
-        return guard_s(floor_s, late_s, self.intake.departure_p99() if self.intake else None)
+        return guard_s(floor_s, late_s, self.intake.write_p99() if self.intake else None)
 
     def held_back(self, provider_id: str, late_s: float) -> None:
-        """A request that would have left `late_s` after its slot was not sent. Its lateness
-        counts towards the guard as a departure's would: the delays the departure check cuts
-        off are the ones that say how late this machine wakes things up."""
+        """A request that would have left `late_s` after its slot was not sent: it cannot
+        arrive late, so the guard does not grow with it (what the machine's load does to the
+        requests that are sent shows in their write times)."""
         if self.intake is not None:
             with self.intake._cond:
                 self.intake._figures(provider_id).late += 1
-                self.intake.delays.append(late_s)
 
     def rate_limited(self, provider_id: str) -> None:
         if self.intake is not None:

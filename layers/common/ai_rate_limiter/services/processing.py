@@ -7,6 +7,7 @@ recorded in Postgres. Only an unreachable dependency raises, so the batch is del
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .intake import Ticket
 log = logging.getLogger(__name__)
 SAFETY_S = 1.0  # never plan work into the last second of an invocation
 MAX_LATE_WAKEUPS = 5
+RETIME_WAIT_S = 1.0  # a request late at its departure waits this long at most for a fresh slot
 LIMITER_RETRY_S = 5.0  # how long a message waits when Redis is unreachable
 
 
@@ -144,10 +146,8 @@ def attempt_until_done(
         provider = plan.providers[index]
         try:
             result = c.providers.call(provider, m.request, departure)
-        except LateForSlot as exc:
-            ticket.held_back(provider.id, exc.late_s)
-            c.limiter.refund(departure.slot.limits, departure.slot.slot_us)
-            continue  # nothing was sent: a fresh slot
+        except LateForSlot:
+            continue  # nothing was sent, and its slot was given back (`retime`): start again
         except ProviderError as exc:
             if isinstance(exc, RateLimited):
                 ticket.rate_limited(provider.id)
@@ -179,10 +179,11 @@ def attempt_until_done(
         finally:
             if lease is not None:  # it expires by itself if Redis cannot be told
                 quietly(c.limiter.release, concurrency_key(provider), lease)
-            if departure.left_at is not None:
+            if departure.sent_at is not None and departure.left_at is not None:
                 # Measured to when the write returned: what the check just before it cannot
                 # see (the write itself, on a busy machine) is what the guard has to cover.
-                ticket.departed(provider.id, departure.left_at - departure.slot_at)
+                write_s = departure.left_at - departure.sent_at
+                ticket.departed(provider.id, departure.left_at - departure.slot_at, write_s)
 
 
 def carry_out(c: WorkerPorts, m: ClaimedMessage, plan: Plan, index: int, decision: OnError) -> bool:
@@ -203,10 +204,43 @@ def carry_out(c: WorkerPorts, m: ClaimedMessage, plan: Plan, index: int, decisio
 @dataclass
 class SlotDeparture(Departure):
     slot: Slot = Slot()
+    retimed: int = 0
 
     @property
     def slot_at(self) -> float:
         return self.slot.earliest
+
+
+def retime_in_place(
+    c: WorkerPorts,
+    departure: SlotDeparture,
+    budget: Callable[[], float],
+    ticket: Ticket,
+    provider_id: str,
+    late_s: float,
+) -> bool:
+    """A request `late_s` past its departure, connection in hand, gives its slot back and waits
+    there for a fresh one on the same provider if one starts within RETIME_WAIT_S (True);
+    otherwise (False) it is not sent and starts again with a choice of provider. Either way
+    the lateness is counted and the slot given back here, once."""
+    old = departure.slot
+    ticket.held_back(provider_id, late_s + c.settings.limiter_late_s)  # from the slot
+    try:
+        c.limiter.refund(old.limits, old.slot_us)
+        departure.slot = Slot()  # given back: nothing left to refund
+        departure.retimed += 1
+        if departure.retimed > MAX_LATE_WAKEUPS or SHUTTING_DOWN.is_set():
+            return False
+        asked = old.latest - old.waited_s
+        index, slot = reserve_slot(c, [list(old.limits)], min(budget(), RETIME_WAIT_S), (), asked)
+    except LimiterUnavailable:  # taking the next slot says so again
+        return False
+    if index is None:
+        return False
+    departure.slot = slot
+    departure.leave_by = slot.earliest + c.settings.limiter_late_s
+    ticket.slot(slot.latest, slot.waited_s, provider_id)
+    return True
 
 
 def take_provider(
@@ -246,6 +280,9 @@ def take_provider(
             leave_by=slot.earliest + c.settings.limiter_late_s,
             on_late=lambda over: late_error(over + c.settings.limiter_late_s),  # from the slot
             slot=slot,
+        )
+        departure.retime = functools.partial(
+            retime_in_place, c, departure, budget, ticket, providers[index].id
         )
         return index, departure, places.get(index)
 
@@ -303,28 +340,39 @@ def take_slot(
         budget = max_wait()
         if budget < 0:
             return None, Slot(1.0)
-        reservation = c.limiter.reserve(limits, budget, weights)
-        if not reservation.reserved:
-            return None, Slot(reservation.wait_s)
-        c.clock.sleep(max(reservation.latest - c.clock.monotonic(), 0.0))
-        late = c.clock.monotonic() - reservation.earliest
-        slot = Slot(
-            0.0,
-            reservation.earliest,
-            reservation.latest,
-            reservation.latest - asked,
-            reservation.slot_us,
-            limits[reservation.index],
-        )
+        index, slot = reserve_slot(c, limits, budget, weights, asked)
+        if index is None:
+            return None, slot
         if SHUTTING_DOWN.is_set():  # woken to stop: the slot goes back, the message with it
             c.limiter.refund(slot.limits, slot.slot_us)
             return None, Slot(1.0)
+        late = c.clock.monotonic() - slot.earliest
         if late <= c.settings.limiter_late_s:
-            return reservation.index, slot
+            return index, slot
         log.debug("%.1f ms after the slot; taking a fresh one", late * 1e3)
-        on_late(reservation.index, late)
+        on_late(index, late)
         c.limiter.refund(slot.limits, slot.slot_us)
     return None, Slot(1.0)  # late every time: the machine is too busy now; the message comes back
+
+
+def reserve_slot(
+    c: WorkerPorts, limits: list[list[Limit]], max_wait_s: float, weights: Sequence[float], asked: float
+) -> tuple[int | None, Slot]:
+    """Reserve the soonest slot starting within `max_wait_s` and sleep until it: (candidate
+    index, the slot), or (None, how long until one could start)."""
+    reservation = c.limiter.reserve(limits, max_wait_s, weights)
+    if not reservation.reserved:
+        return None, Slot(reservation.wait_s)
+    c.clock.sleep(max(reservation.latest - c.clock.monotonic(), 0.0))
+    slot = Slot(
+        0.0,
+        reservation.earliest,
+        reservation.latest,
+        reservation.latest - asked,
+        reservation.slot_us,
+        limits[reservation.index],
+    )
+    return reservation.index, slot
 
 
 def quietly(action: Callable[..., object], *args: Any) -> None:
