@@ -4,6 +4,7 @@ import re
 
 import pytest
 from ai_rate_limiter.domain.schemas import (
+    METADATA_BYTES,
     URL_PATTERN,
     BatchIn,
     MessageIn,
@@ -99,6 +100,16 @@ def test_batch_errors_point_at_the_item() -> None:
         parse(BatchIn, {"queue_id": "q", "messages": [{"prompt": "a"}, {"prompt": ""}]})
     assert err.value.extra["errors"][0]["field"] == "messages.1.prompt"
     assert err.value.extra["errors"][0]["pointer"] == "/messages/1/prompt"  # RFC 6901
+
+
+def test_metadata_is_held_to_its_size_as_json() -> None:
+    fits = {"k": "é" * ((METADATA_BYTES - len('{"k":""}')) // 2)}  # two bytes a character in UTF-8
+    assert parse(MessageIn, {"queue_id": "q", "prompt": "x", "metadata": fits}).metadata == fits
+    with pytest.raises(ValidationFailed) as err:
+        parse(BatchIn, {"queue_id": "q", "messages": [{"prompt": "a", "metadata": {**fits, "m": 1}}]})
+    [problem] = err.value.extra["errors"]
+    assert problem["pointer"] == "/messages/0/metadata"
+    assert f"at most {METADATA_BYTES:,}" in problem["message"]
 
 
 def test_webhook_must_be_http() -> None:

@@ -25,6 +25,7 @@ M = TypeVar("M", bound=BaseModel)
 QUEUE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
 Text = Annotated[str, Field(min_length=1, max_length=1_000_000)]
 Name = Annotated[str, Field(min_length=1, max_length=200)]
+METADATA_BYTES = 16_384  # a message's metadata, as compact UTF-8 JSON
 
 
 class Strict(BaseModel):
@@ -194,10 +195,21 @@ class MessageFields(Strict):
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0, le=2)
     custom_id: Annotated[str, Field(min_length=1, max_length=200)] | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = Field(
+        default=None, description=f"Any JSON object, at most {METADATA_BYTES:,} bytes as compact JSON."
+    )
     extra: dict[str, Any] | None = None
 
     _int = integral("max_tokens")
+
+    @field_validator("metadata")
+    @classmethod
+    def metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            size = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+            if size > METADATA_BYTES:
+                raise ValueError(f"is {size:,} bytes as JSON; at most {METADATA_BYTES:,}")
+        return value
 
     @field_validator("extra")
     @classmethod
