@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import pytest
 from ai_rate_limiter.bootstrap import Container
-from ai_rate_limiter.services import invocation
+from ai_rate_limiter.services import health, invocation
 
 from tests.conftest import FakeProvider
 
@@ -19,7 +19,35 @@ from .conftest import Api, assert_problem, count_rows, provider, take_event
 def test_health_names_each_dependency(api: Api) -> None:
     r = api.call("get", "/health")
     assert r.status_code == 200
-    assert r.json["dependencies"] == {"postgres": "ok", "redis": "ok", "rabbitmq": "ok"}
+    assert r.json["dependencies"] == {"postgres": "ok", "redis": "ok", "rabbitmq": "ok", "key_store": "ok"}
+
+
+def test_health_says_when_the_key_store_cannot_start(
+    api: Api, container: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No data key (none configured, or KMS refusing): the service can neither take nor use a
+    provider key, and /health says which dependency it is rather than blaming Postgres."""
+    from ai_rate_limiter import bootstrap
+    from ai_rate_limiter.adapters.secrets_box import KeyStoreUnavailable
+
+    def refuse(settings: object) -> None:
+        raise KeyStoreUnavailable("Provider keys: kms: AccessDeniedException on Decrypt")
+
+    monkeypatch.setattr(bootstrap, "from_settings", refuse)
+    monkeypatch.delitem(container.__dict__, "keys", raising=False)
+    monkeypatch.delitem(container.__dict__, "store", raising=False)
+    assert health.check(container, container.settings.default_tenant)[1]["dependencies"] == {
+        "postgres": "ok",
+        "redis": "ok",
+        "rabbitmq": "ok",
+        "key_store": "down: Provider keys: kms: AccessDeniedException on Decrypt",
+    }
+    # Over HTTP no key can be checked without the store, so every caller gets what anyone gets.
+    for key in ("", api.key):
+        r = api.call("get", "/health", key=key)
+        assert r.status_code == 503 and r.json["detail"] == "unreachable: key_store"
+        assert r.json["dependencies"]["key_store"] == "down"
+        assert "AccessDenied" not in r.body.decode()
 
 
 def test_health_is_503_naming_the_dependency_that_is_down(

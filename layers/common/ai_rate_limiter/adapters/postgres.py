@@ -90,6 +90,10 @@ class Database:
         finally:
             self._give_back(conn, broken)
 
+    def ping(self) -> None:
+        with self.tx() as cur:
+            cur.execute("SELECT 1")
+
     def close(self) -> None:
         while True:
             try:
@@ -798,5 +802,4 @@ class Store:
             return cur.rowcount == 1
 
     def ping(self) -> None:
-        with self.db.tx() as cur:
-            cur.execute("SELECT 1")
+        self.db.ping()
