@@ -36,7 +36,7 @@ def test_the_guard_grows_with_write_times_and_not_with_requests_held_back() -> N
     ticket = intake.ticket()
     assert ticket.guard_s(0.03, 0.02) == 0.03  # nothing measured: the floor
     for _ in range(GUARD_MIN_SAMPLES):
-        ticket.held_back("p", 0.08)
+        ticket.held_back("p")
     intake._p99 = (-math.inf, None)  # computed afresh
     assert ticket.guard_s(0.03, 0.02) == 0.03
     for _ in range(GUARD_MIN_SAMPLES):

@@ -163,8 +163,8 @@ class Ticket:
         """The guard to pace this message's providers with (see `limits.guard_s`)."""
         return guard_s(floor_s, late_s, self.intake.write_p99() if self.intake else None)
 
-    def held_back(self, provider_id: str, late_s: float) -> None:
-        """A request that would have left `late_s` after its slot was not sent: it cannot
+    def held_back(self, provider_id: str) -> None:
+        """A request that would have left too long after its slot was not sent: it cannot
         arrive late, so the guard does not grow with it (what the machine's load does to the
         requests that are sent shows in their write times)."""
         if self.intake is not None:

@@ -224,7 +224,8 @@ def retime_in_place(
     otherwise (False) it is not sent and starts again with a choice of provider. Either way
     the lateness is counted and the slot given back here, once."""
     old = departure.slot
-    ticket.held_back(provider_id, late_s + c.settings.limiter_late_s)  # from the slot
+    log.debug("%.1f ms after the slot at departure; a fresh one", (late_s + c.settings.limiter_late_s) * 1e3)
+    ticket.held_back(provider_id)
     try:
         c.limiter.refund(old.limits, old.slot_us)
         departure.slot = Slot()  # given back: nothing left to refund
@@ -267,7 +268,7 @@ def take_provider(
                 [plan.limits[i] for i in free],
                 budget,
                 [providers[i].weight for i in free],
-                lambda i, late, free=free: ticket.held_back(providers[free[i]].id, late),  # type: ignore[misc]
+                lambda i, late, free=free: ticket.held_back(providers[free[i]].id),  # type: ignore[misc]
             )
             if chosen is not None:
                 ticket.slot(slot.latest, slot.waited_s, providers[free[chosen]].id)
