@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 from ai_rate_limiter.services.intake import GUARD_MIN_SAMPLES, Intake
@@ -61,3 +62,27 @@ def test_a_message_deferred_for_want_of_a_slot_stops_the_taking_until_the_schedu
     deferred.done(False)
     assert intake.room_in(now=2.0) == pytest.approx(3.0)
     assert intake.room_in(now=5.0) == 0
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.003, 0.02, 0.3, 0.7, 1.5])
+@pytest.mark.parametrize("in_flight", [0, 5, 99])
+def test_wanted_is_how_many_would_each_find_room(gap: float, in_flight: int) -> None:
+    """`wanted(most)` in one step is the count of messages, one after another, that `room_in`
+    would let in at once."""
+    intake = Intake(lookahead_s=1.0, max_in_flight=100, max_unslotted=64)
+    for at in (0.0, gap):  # two slots: the spacing the intake goes by
+        t = intake.ticket()
+        t.slot(at=at, waited_s=0.0, provider_id="p")
+        t.done(True)
+    intake.gap = gap
+    tickets = [intake.ticket() for _ in range(in_flight)]
+    for unslotted_taken in (0, 3):
+        for most in (0, 1, 7, 50, 200):
+            one_by_one = 0
+            while one_by_one < most and intake.room_in(taking=unslotted_taken + one_by_one) == 0:
+                one_by_one += 1
+            assert intake.wanted(most, taking=unslotted_taken) == one_by_one
+    for t in tickets:
+        t.done(False)
+    intake.horizon = time.monotonic() + 5.0  # the schedule is far ahead: nothing now
+    assert intake.wanted(50) == 0

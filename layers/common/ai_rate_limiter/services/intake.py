@@ -56,20 +56,26 @@ class Intake:
         further apart the slots are: one, once they are `lookahead_s` apart."""
         now = time.monotonic() if now is None else now
         with self._cond:
-            unslotted = self.unslotted + taking
-            # Until two slots tell how far apart they are, one at a time.
-            spread = self.lookahead_s / self.gap if self.gap > 0 else (math.inf if self.slots >= 2 else 1)
-            if self.in_flight + taking >= self.max_in_flight or unslotted >= min(self.max_unslotted, spread):
+            if self._places(taking) <= 0:
                 return math.inf
             return max(0.0, self.horizon - self.lookahead_s - now)
 
     def wanted(self, most: int, taking: int = 0) -> int:
         """How many more may be taken now besides `taking` (at most `most`)."""
         now = time.monotonic()
-        n = 0
-        while n < most and self.room_in(now, taking + n) == 0:
-            n += 1
-        return n
+        with self._cond:
+            if self.horizon - self.lookahead_s - now > 0:
+                return 0
+            return max(0, min(most, self._places(taking)))
+
+    def _places(self, taking: int) -> int:
+        """How many more could start besides `taking`, by the caps on messages in flight and on
+        those waiting for their first slot (under the lock)."""
+        # Until two slots tell how far apart they are, one at a time.
+        spread = self.lookahead_s / self.gap if self.gap > 0 else (math.inf if self.slots >= 2 else 1)
+        in_flight = self.max_in_flight - self.in_flight - taking
+        unslotted = math.ceil(min(self.max_unslotted, spread) - self.unslotted - taking)
+        return min(in_flight, unslotted)
 
     def next_slot_after(self, at: float) -> bool:
         """Whether the next slot may start after `at`: the latest one plus the last gap."""
