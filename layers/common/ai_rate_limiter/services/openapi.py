@@ -5,7 +5,7 @@ what pydantic writes)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,26 +120,34 @@ def _json_value_schema() -> dict[str, Any]:
     }
 
 
-def _without_nul(schema: Any) -> None:
-    """Say in `schema` that no string in it holds a NUL character: a string with no pattern of
-    its own gets NO_NUL (the patterns the models give exclude NUL already), and an object open
-    to any property holds JSON values without one. (And a field that may be left out but not
-    be null has no default of null.)"""
+def _subschemas(schema: Any) -> Iterator[dict[str, Any]]:
+    """Every object in a JSON Schema document, outermost first."""
     if isinstance(schema, list):
         for item in schema:
-            _without_nul(item)
-        return
-    if not isinstance(schema, dict):
-        return
-    if "default" in schema and schema["default"] is None and schema.get("type") not in (None, "null"):
-        del schema["default"]  # a field that may be left out, but not sent as null
-    if schema.get("type") == "string" and "pattern" not in schema and "enum" not in schema:
-        schema["pattern"] = NO_NUL
-    if schema.get("type") == "object" and schema.get("additionalProperties", True) is True:
-        schema["additionalProperties"] = {"$ref": JSON_VALUE}
-        schema["propertyNames"] = {"pattern": NO_NUL}
-    for value in schema.values():
-        _without_nul(value)
+            yield from _subschemas(item)
+    elif isinstance(schema, dict):
+        yield schema
+        for value in schema.values():
+            yield from _subschemas(value)
+
+
+def _without_nul(schemas: Any) -> None:
+    """Say that no string holds a NUL character: a string with no pattern of its own gets
+    NO_NUL (the patterns the models give exclude NUL already), and an object open to any
+    property holds JSON values without one."""
+    for schema in _subschemas(schemas):
+        if schema.get("type") == "string" and "pattern" not in schema and "enum" not in schema:
+            schema["pattern"] = NO_NUL
+        if schema.get("type") == "object" and schema.get("additionalProperties", True) is True:
+            schema["additionalProperties"] = {"$ref": JSON_VALUE}
+            schema["propertyNames"] = {"pattern": NO_NUL}
+
+
+def _without_null_defaults(schemas: Any) -> None:
+    """A field that may be left out but not be null has no default of null."""
+    for schema in _subschemas(schemas):
+        if "default" in schema and schema["default"] is None and schema.get("type") not in (None, "null"):
+            del schema["default"]
 
 
 def document(operations: Sequence[Operation], title: str, version: str, max_workers: int) -> dict[str, Any]:
@@ -149,6 +157,7 @@ def document(operations: Sequence[Operation], title: str, version: str, max_work
     )
     schemas: dict[str, Any] = defs.get("$defs", {})
     _without_nul(schemas)
+    _without_null_defaults(schemas)
     schemas.update(Problem=_problem_schema(), JsonValue=_json_value_schema())
     for schema in schemas.values():  # what the deployment allows (MAX_WORKERS), not the model's bound
         if "workers" in schema.get("properties", {}):
