@@ -18,11 +18,14 @@ from ai_rate_limiter.domain.schemas import (
     QueueIn,
     QueuePatch,
     TenantIn,
+    WebhookIn,
+    WebhookPatch,
     load_json,
 )
 from ai_rate_limiter.errors import AppError, PayloadTooLarge, UnsupportedMediaType
 from ai_rate_limiter.services import (
     batches,
+    endpoints,
     health,
     inbound,
     messages,
@@ -254,6 +257,34 @@ def batch_results(batch_id: str) -> Response:
         headers["X-Next-Cursor"] = next_cursor
         headers["Link"] = batches.next_link(batch_id, query(), next_cursor)
     return Response(payload, status_code=200, headers=headers)
+
+
+@route("/webhooks", "POST", 201, body=[WebhookIn], yields=["webhook_id"])
+def create_webhook() -> Any:
+    """Add a webhook endpoint: every batch event of the tenant, signed with its secret (shown once)"""
+    return endpoints.create(c(), tenant(), body())
+
+
+@route("/webhooks", "GET")
+def list_webhooks() -> Any:
+    return endpoints.list_all(c(), tenant())
+
+
+@route("/webhooks/{webhook_id}", "GET")
+def get_webhook(webhook_id: str) -> Any:
+    return endpoints.get(c(), tenant(), webhook_id)
+
+
+@route("/webhooks/{webhook_id}", "PATCH", body=[WebhookPatch])
+def update_webhook(webhook_id: str) -> Any:
+    """Change an endpoint's URL or description, or turn it off or on again"""
+    return endpoints.update(c(), tenant(), webhook_id, body())
+
+
+@route("/webhooks/{webhook_id}", "DELETE")
+def delete_webhook(webhook_id: str) -> Any:
+    endpoints.delete(c(), tenant(), webhook_id)
+    return {"webhook_id": webhook_id, "deleted": True}
 
 
 @route("/admin/tenants", "POST", 201, access="admin", body=[TenantIn], yields=["tenant_id", "key_id"])

@@ -10,7 +10,7 @@ from schemathesis import GenerationMode
 from schemathesis.core.failures import AcceptedNegativeData
 from schemathesis.openapi.checks import RejectedPositiveData
 
-URL_FIELDS = ("endpoint", "webhook_url")
+URL_FIELDS = ("endpoint", "webhook_url", "url")
 # A URL the stack's EGRESS_ALLOW lets through (its fake provider), for schema-valid bodies.
 REACHABLE = os.environ.get("FUZZ_REACHABLE_URL", "")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,11 +13,13 @@ import pytest
 from ai_rate_limiter.adapters.rabbitmq import connection_parameters
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.domain.rmq_event import basic_properties, build_event
-from ai_rate_limiter.services import queues
+from ai_rate_limiter.services import invocation, messages, queues
 from chalice.test import Client
 
 from local.functions import load
-from tests.conftest import random_key
+from tests.conftest import FakeProvider, random_key
+
+from .webhook_receiver import Hook, reachable
 
 JSON = {"Content-Type": "application/json"}
 
@@ -82,7 +84,8 @@ def assert_problem(r: Any, status: int, *words: str) -> None:
 def count_rows(c: Container) -> tuple[int, ...]:
     with c.db.tx() as cur:
         cur.execute("""SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM batches),
-                              (SELECT count(*) FROM queues), (SELECT count(*) FROM providers)""")
+                              (SELECT count(*) FROM queues), (SELECT count(*) FROM providers),
+                              (SELECT count(*) FROM webhook_endpoints)""")
         return tuple(cur.fetchone().values())
 
 
@@ -160,3 +163,34 @@ class Context:
 
     def get_remaining_time_in_millis(self) -> int:
         return int((self.deadline - time.monotonic()) * 1000)
+
+
+def submitted_batch(c: Container, fake: FakeProvider, webhook_url: str | None) -> dict[str, Any]:
+    """A two-message batch, its messages done: the submission's answer."""
+    q = make_queue(c, fake.url)
+    b = messages.submit(
+        c,
+        "default",
+        {"queue_id": q, "webhook_url": webhook_url, "messages": [{"prompt": "a"}, {"prompt": "b"}]},
+    )
+    invocation.handle_event(c, take_event(c, q, 2), 30)
+    return b
+
+
+def finished_batch(c: Container, fake: FakeProvider, webhook_url: str | None) -> str:
+    return str(submitted_batch(c, fake, webhook_url)["batch_id"])
+
+
+@pytest.fixture()
+def hooks(container: Container) -> Iterator[Callable[..., Hook]]:
+    """Makes receivers (`hooks(*script)`) the container may deliver to; stops them after."""
+    made: list[Hook] = []
+
+    def make(*script: Any) -> Hook:
+        made.append(hook := Hook(*script))
+        reachable(container, hook.url)
+        return hook
+
+    yield make
+    for hook in made:
+        hook.server.shutdown()

@@ -7,11 +7,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from ai_rate_limiter.adapters.webhooks import new_secret, verify
@@ -21,110 +18,8 @@ from chalice.test import Client
 
 from tests.conftest import FakeProvider, Receiver
 
-from .conftest import Api, app_on, make_queue, take_event
-
-
-def submitted_batch(c: Container, fake: FakeProvider, webhook_url: str | None) -> dict[str, Any]:
-    """A two-message batch, its messages done: the submission's answer."""
-    q = make_queue(c, fake.url)
-    b = messages.submit(
-        c,
-        "default",
-        {"queue_id": q, "webhook_url": webhook_url, "messages": [{"prompt": "a"}, {"prompt": "b"}]},
-    )
-    invocation.handle_event(c, take_event(c, q, 2), 30)
-    return b
-
-
-def finished_batch(c: Container, fake: FakeProvider, webhook_url: str | None) -> str:
-    return str(submitted_batch(c, fake, webhook_url)["batch_id"])
-
-
-class Hook:
-    """A webhook receiver on loopback that keeps each request's headers and raw body and answers
-    the n-th delivery as `script[n]` says (the last step repeats): a status code; "drip" (the
-    start of an answer, then a byte every 50 ms for 30 s, never finished); ("slow", s): 204 after
-    s seconds. It counts the deliveries it holds at once and how long it held each."""
-
-    def __init__(self, *script: Any) -> None:
-        self.script = list(script)
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        self.held_s: list[float] = []
-        self.active = self.most_active = 0
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                start = time.monotonic()
-                body = self.rfile.read(int(self.headers["content-length"]))
-                with outer.lock:
-                    outer.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                    step = outer.script[min(len(outer.received), len(outer.script)) - 1]
-                    outer.active += 1
-                    outer.most_active = max(outer.most_active, outer.active)
-                try:
-                    outer.answer(self, step)
-                finally:
-                    with outer.lock:
-                        outer.active -= 1
-                        outer.held_s.append(time.monotonic() - start)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @staticmethod
-    def answer(h: BaseHTTPRequestHandler, step: Any) -> None:
-        if step == "drip":
-            try:
-                h.wfile.write(b"HTTP/1.1 200 OK\r\nx-drip: ")
-                for _ in range(600):
-                    time.sleep(0.05)
-                    h.wfile.write(b".")
-            except OSError:  # the sender hung up
-                pass
-            h.close_connection = True
-            return
-        if isinstance(step, tuple):
-            time.sleep(step[1])
-            step = 204
-        h.send_response(step)
-        h.send_header("content-length", "0")
-        h.end_headers()
-
-    def ids(self) -> list[str]:
-        return [headers["webhook-id"] for headers, _ in self.received]
-
-
-def reachable(c: Container, url: str) -> None:
-    """Let the container's webhook client reach a loopback receiver: an `EGRESS_ALLOW` entry
-    for it, where the egress guard is there to pass."""
-    allow = getattr(c.settings, "egress_allow", None)
-    entry = urlsplit(url).netloc
-    if allow is not None and entry not in allow.split(","):
-        c.settings = replace(c.settings, egress_allow=",".join(filter(None, (allow, entry))))
-        c.__dict__.pop("webhooks", None)  # the client is made again, with the entry
-
-
-@pytest.fixture()
-def hooks(container: Container) -> Iterator[Callable[..., Hook]]:
-    """Makes receivers (`hooks(*script)`) the container may deliver to; stops them after."""
-    made: list[Hook] = []
-
-    def make(*script: Any) -> Hook:
-        made.append(hook := Hook(*script))
-        reachable(container, hook.url)
-        return hook
-
-    yield make
-    for hook in made:
-        hook.server.shutdown()
+from .conftest import Api, app_on, finished_batch, make_queue, submitted_batch, take_event
+from .webhook_receiver import Hook
 
 
 def hook_state(c: Container, batch_id: str) -> tuple[str, int, str | None]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -16,6 +16,7 @@ from local.functions import load
 from tests.conftest import FakeProvider
 
 from .conftest import Api, app_on, assert_problem, count_rows, make_queue, provider, take_event
+from .webhook_receiver import Hook
 
 T = "default"
 UNKNOWN = "9d7e7a5e-0000-4000-8000-000000000000"
@@ -131,10 +132,10 @@ def test_keys_are_added_rotated_and_revoked_at_once(admin: Api, app: Client) -> 
 
 
 def test_another_tenants_ids_are_404_on_every_route_and_change_nothing(
-    admin: Api, app: Client, container: Container, fake: FakeProvider
+    admin: Api, app: Client, container: Container, fake: FakeProvider, hooks: Callable[..., Hook]
 ) -> None:
-    """The default tenant (the admin key) owns a provider, a queue, a batch and a message;
-    another tenant tries every route with those ids."""
+    """The default tenant (the admin key) owns a provider, a queue, a batch, a message and a
+    webhook endpoint; another tenant tries every route with those ids."""
     q = make_queue(container, fake.url)
     pid = admin.call("get", "/providers").json["providers"][0]["provider_id"]
     batch = messages.submit(container, T, {"queue_id": q, "messages": [{"prompt": "a"}, {"prompt": "b"}]})
@@ -145,6 +146,7 @@ def test_another_tenants_ids_are_404_on_every_route_and_change_nothing(
         "queue_id": q,
         "batch_id": batch["batch_id"],
         "message_id": single["message_id"],
+        "webhook_id": admin.call("post", "/webhooks", {"url": hooks(204).url}).json["webhook_id"],
     }
     other, made = new_tenant(admin, app)
     ids["tenant_id"], ids["key_id"] = made["tenant_id"], made["key_id"]
@@ -154,6 +156,7 @@ def test_another_tenants_ids_are_404_on_every_route_and_change_nothing(
         "/queue/{queue_id}": {"workers": 2},
         "/message/create": {"queue_id": q, "prompt": "x"},
         "/queue/create": {"queue_id": "theirs", "providers": [{"provider_id": pid}]},
+        "/webhooks/{webhook_id}": {"enabled": False},
     }
     theirs = [v for k, v in ids.items() if k not in ("tenant_id", "key_id")]
     tried = 0
@@ -168,10 +171,11 @@ def test_another_tenants_ids_are_404_on_every_route_and_change_nothing(
         else:
             continue  # a route that names nothing of theirs (POST /provider/create)
         tried += 1
-    assert tried >= 16
+    assert tried >= 20
     assert count_rows(container) == before
     assert admin.call("get", f"/provider/{pid}").json["limit"] == 1000
     assert admin.call("get", f"/batch/{batch['batch_id']}").json["counts"]["completed"] == 2
+    assert admin.call("get", f"/webhooks/{ids['webhook_id']}").json["enabled"] is True
 
 
 def test_a_queue_reaches_only_its_own_tenants_providers(container: Container, fake: FakeProvider) -> None:

@@ -32,6 +32,18 @@ PROVIDER_COLUMNS = (
 )
 
 
+DELIVERY_KEY = ("endpoint_id", "id", "event")  # a delivery's row: its endpoint, batch and event
+ENDPOINT_COLUMNS = "id::text, url, description, enabled, disabled_reason, created_at, updated_at"
+
+
+def _fail_waiting(cur: Any, endpoint_id: str, reason: str | None) -> None:
+    cur.execute(
+        """UPDATE webhook_deliveries SET status = 'failed', last_error = %s
+           WHERE endpoint_id = %s AND status = 'pending'""",
+        (reason, endpoint_id),
+    )
+
+
 class Database:
     """A blocking pool of at most `maxconn` connections, opened as needed and kept open (so a
     busy worker does not pay a new Postgres backend per transaction); `tx()` is one
@@ -746,10 +758,20 @@ class Store:
                           webhook_next_at = now()
                    WHERE id = %s AND finished_at IS NULL AND NOT EXISTS (
                        SELECT 1 FROM messages WHERE batch_id = %s
-                       AND status IN ('queued', 'processing'))""",
+                       AND status IN ('queued', 'processing'))
+                   RETURNING tenant_id""",
                 (batch_id, batch_id),
             )
-            return cur.rowcount == 1
+            row = cur.fetchone()
+            if row is None:
+                return False
+            cur.execute(  # in the same transaction: a finished batch never misses an endpoint
+                """INSERT INTO webhook_deliveries (endpoint_id, batch_id, event)
+                   SELECT id, %s, 'batch.completed' FROM webhook_endpoints
+                   WHERE tenant_id = %s AND enabled""",
+                (batch_id, row["tenant_id"]),
+            )
+            return True
 
     def unfinished_batches(self, limit: int = 500) -> list[str]:
         with self.db.tx() as cur:
@@ -800,6 +822,119 @@ class Store:
                 (status, error, status, retry_s, batch_id, attempt),
             )
             return cur.rowcount == 1
+
+    # -- a tenant's webhook endpoints --------------------------------------------------------
+
+    def create_endpoint(self, tenant: str, row: Row) -> Row:
+        with self.db.tx() as cur:
+            cur.execute(
+                f"""INSERT INTO webhook_endpoints (tenant_id, id, url, description, secret)
+                    VALUES (%s, %s, %s, %s, %s) RETURNING {ENDPOINT_COLUMNS}""",
+                (tenant, row["id"], row["url"], row["description"], row["secret"]),
+            )
+            return dict(cur.fetchone())
+
+    def list_endpoints(self, tenant: str) -> list[Row]:
+        with self.db.tx() as cur:
+            cur.execute(
+                f"""SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE tenant_id = %s
+                    ORDER BY created_at, id""",
+                (tenant,),
+            )
+            return [dict(r) for r in cur.fetchall()]
+
+    def get_endpoint(self, tenant: str, endpoint_id: str) -> Row:
+        with self.db.tx() as cur:
+            cur.execute(
+                f"SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE tenant_id = %s AND id = %s",
+                (tenant, endpoint_id),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"No webhook endpoint {endpoint_id}.")
+        return dict(row)
+
+    def update_endpoint(self, tenant: str, endpoint_id: str, changes: Row) -> Row:
+        """`url`, `description` and `enabled`; turned off, its deliveries still waiting fail."""
+        sets = ", ".join(f"{col} = %({col})s" for col in changes)
+        if "enabled" in changes:
+            sets += ", disabled_reason = CASE WHEN %(enabled)s THEN NULL ELSE %(reason)s END"
+        with self.db.tx() as cur:
+            cur.execute(
+                f"""UPDATE webhook_endpoints SET {sets}, updated_at = now()
+                    WHERE tenant_id = %(tenant)s AND id = %(id)s RETURNING {ENDPOINT_COLUMNS}""",
+                {**changes, "reason": "turned off", "tenant": tenant, "id": endpoint_id},
+            )
+            row = cur.fetchone()
+            if row is None:
+                raise NotFound(f"No webhook endpoint {endpoint_id}.")
+            if not row["enabled"]:
+                _fail_waiting(cur, endpoint_id, "the endpoint was turned off")
+            return dict(row)
+
+    def delete_endpoint(self, tenant: str, endpoint_id: str) -> None:
+        with self.db.tx() as cur:
+            cur.execute(
+                "DELETE FROM webhook_endpoints WHERE tenant_id = %s AND id = %s", (tenant, endpoint_id)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"No webhook endpoint {endpoint_id}.")
+
+    def take_due_deliveries(self, limit: int, lease_s: float) -> list[Row]:
+        """What `take_due_webhooks` does for batches' own webhooks, for the deliveries to tenants'
+        endpoints (turned-on ones only): each row is the batch with its delivery's `endpoint_id`,
+        `event`, `attempts`, `url` and sealed `secret`."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE webhook_deliveries d SET attempts = d.attempts + 1,
+                          next_at = now() + make_interval(secs => %s)
+                   FROM webhook_endpoints e, batches b
+                   WHERE e.id = d.endpoint_id AND b.id = d.batch_id
+                     AND (d.endpoint_id, d.batch_id, d.event) IN (
+                         SELECT w.endpoint_id, w.batch_id, w.event
+                         FROM webhook_deliveries w JOIN webhook_endpoints o ON o.id = w.endpoint_id
+                         WHERE w.status = 'pending' AND w.next_at <= now() AND o.enabled
+                         ORDER BY w.next_at LIMIT %s FOR UPDATE OF w SKIP LOCKED)
+                   RETURNING b.id, b.tenant_id, b.queue_id, b.total, b.created_at, b.finished_at,
+                             d.endpoint_id::text, d.event, d.attempts, e.url, e.secret""",
+                (lease_s, limit),
+            )
+            return [dict(r) for r in cur.fetchall()]
+
+    def delivery_result(
+        self, row: Row, status: str, error: str | None, retry_s: float, gone: bool = False
+    ) -> bool:
+        """`webhook_result` for a delivery to an endpoint; `gone` (a 410) turns the endpoint
+        off, and its other deliveries still waiting fail with it."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE webhook_deliveries SET status = %s, last_error = %s,
+                          next_at = CASE WHEN %s = 'pending'
+                                THEN now() + make_interval(secs => %s) ELSE next_at END
+                   WHERE endpoint_id = %s AND batch_id = %s AND event = %s AND attempts = %s
+                     AND status = 'pending'""",
+                (status, error, status, retry_s, *(row[k] for k in DELIVERY_KEY), row["attempts"]),
+            )
+            if cur.rowcount != 1:
+                return False
+            if gone:
+                cur.execute(
+                    """UPDATE webhook_endpoints SET enabled = false, disabled_reason = %s,
+                              updated_at = now() WHERE id = %s""",
+                    (error, row["endpoint_id"]),
+                )
+                _fail_waiting(cur, row["endpoint_id"], error)
+            return True
+
+    def endpoint_deliveries(self, batch_id: str) -> list[Row]:
+        """A batch's deliveries to its tenant's endpoints, for the batch's view."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """SELECT endpoint_id::text, event, status, attempts, last_error
+                   FROM webhook_deliveries WHERE batch_id = %s ORDER BY created_at, endpoint_id""",
+                (batch_id,),
+            )
+            return [dict(r) for r in cur.fetchall()]
 
     def ping(self) -> None:
         self.db.ping()

@@ -236,6 +236,25 @@ class BatchIn(Strict):
     _url = field_validator("webhook_url")(check_url)
 
 
+class WebhookIn(Strict):
+    """A tenant's webhook endpoint: sent every batch event of the tenant."""
+
+    url: Url
+    description: str = Field(default="", max_length=500)
+
+    _url = field_validator("url")(check_url)
+
+
+class WebhookPatch(Strict):
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})  # at least one field to change
+
+    url: Url = LEFT_OUT
+    description: str = Field(default=LEFT_OUT, max_length=500)
+    enabled: bool = LEFT_OUT  # true turns an endpoint that answered 410 (or was turned off) on again
+
+    _url = field_validator("url")(check_url)
+
+
 def problems(exc: ValidationError) -> list[dict[str, str]]:
     out = []
     for err in exc.errors(include_url=False):

@@ -65,6 +65,17 @@ def progress(c: Container, tenant: str, batch_id: str) -> Row:
             "attempts": b["webhook_attempts"],
             "last_error": b["webhook_last_error"],
         },
+        # Its events' deliveries to the tenant's webhook endpoints (made once it finishes).
+        "deliveries": [
+            {
+                "webhook_id": d["endpoint_id"],
+                "event": d["event"],
+                "status": d["status"],
+                "attempts": d["attempts"],
+                "last_error": d["last_error"],
+            }
+            for d in c.store.endpoint_deliveries(str(b["id"]))
+        ],
         "results_url": f"{c.settings.public_base_url}/batch/{b['id']}/results",
     }
 

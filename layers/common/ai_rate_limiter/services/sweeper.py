@@ -7,12 +7,14 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from ..adapters.secrets_box import KeyUnreadable, is_sealed
 from ..adapters.webhooks import Answer
 from ..bootstrap import Container
 from ..domain.backoff import backoff_s
 from . import shards
+from .endpoints import endpoint_key_id
 from .messages import webhook_key_id
 from .views import Row, all_counts, iso
 
@@ -55,7 +57,8 @@ def webhook_retry_s(attempts: int, rand: float | None = None) -> float:
 
 def verdict(answer: Answer, attempts: int, max_attempts: int) -> tuple[str, str | None, float]:
     """(webhook status, last error, seconds until the next attempt) for an answer to attempt n.
-    2xx: delivered. 410 Gone: the receiver wants no more, the endpoint is off. Anything else, a
+    2xx: delivered. 410 Gone: the receiver wants no more: the delivery fails, and a tenant's
+    endpoint is turned off. Anything else, a
     timeout or no connection: again later, no sooner than the receiver's Retry-After."""
     if answer.status is not None and 200 <= answer.status < 300:
         return "delivered", None, 0.0
@@ -69,36 +72,75 @@ def verdict(answer: Answer, attempts: int, max_attempts: int) -> tuple[str, str 
     return "pending", answer.error, delay
 
 
-def webhook_secrets(c: Container, batch_id: str, stored: str | None) -> list[str]:
-    """The secret a batch's deliveries are signed with: stored sealed; batches stored before
-    signing existed have none (theirs go out unsigned), and before sealing, one in the clear."""
+def opened(c: Container, key_id: str, stored: str | None) -> list[str]:
+    """The secret a delivery is signed with, stored sealed; batches stored before signing
+    existed have none (theirs go out unsigned), and before sealing, one in the clear."""
     if not stored:
         return []
-    return [c.keys.open(webhook_key_id(batch_id), stored) if is_sealed(stored) else stored]
+    return [c.keys.open(key_id, stored) if is_sealed(stored) else stored]
 
 
-def deliver(c: Container, batch: Row, leased_until: float) -> str:
-    """One attempt at one batch's webhook; its outcome: delivered, failed, pending or stale."""
+@dataclass(frozen=True)
+class Delivery:
+    """One attempt at sending one batch event to one receiver: the batch's own `webhook_url`,
+    or one of its tenant's endpoints. `row` is the batch as leased, with the attempt's number."""
+
+    row: Row
+    url: str
+    attempt: int
+    key_id: str  # what its secret is sealed for
+    secret: str | None
+    endpoint_id: str | None = None
+
+    @classmethod
+    def of_batch(cls, row: Row) -> Delivery:
+        key_id = webhook_key_id(str(row["id"]))
+        return cls(row, row["webhook_url"], row["webhook_attempts"], key_id, row.get("webhook_secret"))
+
+    @classmethod
+    def to_endpoint(cls, row: Row) -> Delivery:
+        endpoint = row["endpoint_id"]
+        return cls(row, row["url"], row["attempts"], endpoint_key_id(endpoint), row["secret"], endpoint)
+
+    def __str__(self) -> str:
+        batch = f"batch {self.row['id']}"
+        return f"webhook for {batch}" if self.endpoint_id is None else f"endpoint {self.endpoint_id}, {batch}"
+
+    def record(self, c: Container, answer: Answer, status: str, error: str | None, retry_s: float) -> bool:
+        if self.endpoint_id is None:
+            return c.store.webhook_result(str(self.row["id"]), self.attempt, status, error, retry_s)
+        return c.store.delivery_result(self.row, status, error, retry_s, gone=answer.status == 410)
+
+
+def deliver(c: Container, d: Delivery, leased_until: float) -> str:
+    """One attempt; its outcome: delivered, failed, pending or stale."""
     s = c.settings
-    batch_id, attempt = str(batch["id"]), batch["webhook_attempts"]
-    body = json.dumps(webhook_payload(c, batch), separators=(",", ":"), default=str).encode()
+    body = json.dumps(webhook_payload(c, d.row), separators=(",", ":"), default=str).encode()
     deadline_s = min(s.webhook_timeout_s, leased_until - time.monotonic() - RESULT_MARGIN_S)
     try:
-        secrets = webhook_secrets(c, batch_id, batch.get("webhook_secret"))
+        secrets = opened(c, d.key_id, d.secret)
     except KeyUnreadable as exc:  # nothing that should be signed goes out unsigned
         answer = Answer(None, exc.detail)
     else:
         if deadline_s > 0:
-            answer = c.webhooks.send(batch["webhook_url"], webhook_id(batch_id), body, secrets, deadline_s)
+            answer = c.webhooks.send(d.url, webhook_id(str(d.row["id"])), body, secrets, deadline_s)
         else:
             answer = Answer(None, "the lease ran out before the delivery could leave")
-    status, error, retry_s = verdict(answer, attempt, s.webhook_max_attempts)
-    if not c.store.webhook_result(batch_id, attempt, status, error, retry_s):
-        log.warning("webhook for batch %s: attempt %d ended after its lease; not recorded", batch_id, attempt)
+    status, error, retry_s = verdict(answer, d.attempt, s.webhook_max_attempts)
+    if not d.record(c, answer, status, error, retry_s):
+        log.warning("%s: attempt %d ended after its lease; not recorded", d, d.attempt)
         return "stale"
     if status == "failed":
-        log.warning("webhook for batch %s failed for good: %s", batch_id, error)
+        log.warning("%s failed for good: %s", d, error)
     return status
+
+
+def take_due(c: Container, wanted: int, lease_s: float) -> list[Delivery]:
+    """Batches' own webhooks first, then deliveries to endpoints, `wanted` at most in all."""
+    due = [Delivery.of_batch(r) for r in c.store.take_due_webhooks(wanted, lease_s=lease_s)]
+    if len(due) < wanted:
+        due += [Delivery.to_endpoint(r) for r in c.store.take_due_deliveries(wanted - len(due), lease_s)]
+    return due
 
 
 def deliver_webhooks(c: Container, limit: int = 20) -> dict[str, int]:
@@ -109,7 +151,7 @@ def deliver_webhooks(c: Container, limit: int = 20) -> dict[str, int]:
     while len(outcomes) < limit:
         leased_until = time.monotonic() + lease_s  # before the lease is taken: never later than it
         wanted = min(PARALLEL, limit - len(outcomes))
-        due = c.store.take_due_webhooks(wanted, lease_s=lease_s)
+        due = take_due(c, wanted, lease_s)
         if due:
             with ThreadPoolExecutor(len(due), thread_name_prefix="webhook") as pool:
                 outcomes += pool.map(deliver, [c] * len(due), due, [leased_until] * len(due))
