@@ -99,12 +99,13 @@ def test_a_request_late_at_the_wire_is_sent_once_it_is_retimed(fake: FakeProvide
     headers = {"authorization": "Bearer sk-retime-test"}
     asked: list[float] = []
 
-    def retime(late_s: float) -> bool:
-        asked.append(late_s)
-        departure.leave_by = time.monotonic() + 1.0
-        return True
+    class Retimed(Departure):
+        def retime(self, late_s: float) -> bool:
+            asked.append(late_s)
+            self.leave_by = time.monotonic() + 1.0
+            return True
 
-    departure = Departure(leave_by=time.monotonic() - 0.01, on_late=late, retime=retime)
+    departure: Departure = Retimed(leave_by=time.monotonic() - 0.01, on_late=late)
     departing(departure)
     try:
         assert client.post(url, json=body, headers=headers).status_code == 200
@@ -114,7 +115,7 @@ def test_a_request_late_at_the_wire_is_sent_once_it_is_retimed(fake: FakeProvide
     assert departure.sent_at is not None and departure.sent_at <= departure.leave_by
     assert fake.stats()["total"]["requests"] == 1
 
-    departure = Departure(leave_by=time.monotonic() - 0.01, on_late=late, retime=lambda late_s: False)
+    departure = Departure(leave_by=time.monotonic() - 0.01, on_late=late)  # gives up
     departing(departure)
     try:
         with pytest.raises(LateForSlot):

@@ -6,6 +6,7 @@ with: the message's row, the limiter's schedule, the calls the provider got, wha
 
 from __future__ import annotations
 
+import gc
 import math
 from collections import deque
 
@@ -506,3 +507,25 @@ def test_a_paid_answer_is_stored_even_if_the_limiter_fails_right_after(ports: Fa
     m = ports.store.messages[mid]
     assert (m.status, m.tries) == ("completed", 1)
     assert len(ports.providers.calls) == 1
+
+
+def test_a_message_leaves_no_reference_cycle_behind(ports: FakePorts) -> None:
+    """What a message's way through the worker makes is freed as soon as it is done with, so
+    that an invocation with hundreds of requests in flight never needs the collector's full
+    passes, which stop every thread at once (requests waiting to leave at their slots too)."""
+    p = queue(ports, request_limit=10, time_window=1.0)
+    mids = [ports.store.add_message(Q) for _ in range(3)]
+    ports.providers.script(
+        p.id, RateLimited("fake: HTTP 429", retry_after_s=0.5), *(answer(t) for t in "abc")
+    )
+    stalls = deque([0.0, 0.05])  # the second request is held up on its way out and retimed
+    ports.providers.before_send = lambda _: ports.clock.advance(stalls.popleft() if stalls else 0.0)
+    intake = Intake(1.0, 10)
+    gc.collect()
+    gc.disable()
+    try:
+        assert [run(ports, mid, ticket=intake.ticket()) for mid in mids] == ["completed"] * 3
+        assert intake.figures[p.id].late == 1 and ports.limiter.pushes
+        assert gc.collect() == 0
+    finally:
+        gc.enable()

@@ -48,16 +48,20 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 @dataclass
 class Departure:
     """When a request may leave: not after `leave_by` (this process's monotonic clock). A late
-    one is first offered to `retime` (how late it is): True if that moved `leave_by` (a fresh
-    slot, slept until), False to give up; then it is not sent and `on_late` raises. `sent_at`
-    is when it started to leave, `written_at` when the last of its bytes was handed to the
-    network."""
+    one is first offered to `retime` (how late it is); if that gives up, it is not sent and
+    `on_late` raises. `sent_at` is when it started to leave, `written_at` when the last of its
+    bytes was handed to the network."""
 
     leave_by: float
     on_late: Callable[[float], Exception]
-    retime: Callable[[float], bool] = lambda late_s: False
     sent_at: float | None = None
     written_at: float | None = None
+
+    def retime(self, late_s: float) -> bool:
+        """Move `leave_by` to a fresh slot, slept until (True), or give up (False). A method,
+        not a callback kept on the departure: one that refers back to its departure would make
+        each request a reference cycle, garbage only the collector's full passes free."""
+        return False
 
     @property
     def left_at(self) -> float | None:

@@ -7,10 +7,9 @@ recorded in Postgres. Only an unreachable dependency raises, so the batch is del
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..adapters.egress import Departure
@@ -203,8 +202,19 @@ def carry_out(c: WorkerPorts, m: ClaimedMessage, plan: Plan, index: int, decisio
 
 @dataclass
 class SlotDeparture(Departure):
+    """A departure from a limiter slot; late, it is retimed in place (`retime_in_place`)."""
+
     slot: Slot = Slot()
     retimed: int = 0
+    ports: WorkerPorts | None = None  # None: never retimed
+    budget: Callable[[], float] = lambda: 0.0
+    ticket: Ticket = field(default_factory=Ticket.untracked)
+    provider_id: str = ""
+
+    def retime(self, late_s: float) -> bool:
+        if self.ports is None:
+            return False
+        return retime_in_place(self.ports, self, self.budget, self.ticket, self.provider_id, late_s)
 
     @property
     def slot_at(self) -> float:
@@ -281,9 +291,10 @@ def take_provider(
             leave_by=slot.earliest + c.settings.limiter_late_s,
             on_late=lambda over: late_error(over + c.settings.limiter_late_s),  # from the slot
             slot=slot,
-        )
-        departure.retime = functools.partial(
-            retime_in_place, c, departure, budget, ticket, providers[index].id
+            ports=c,
+            budget=budget,
+            ticket=ticket,
+            provider_id=providers[index].id,
         )
         return index, departure, places.get(index)
 
