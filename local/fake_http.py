@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import platform
 import re
 import socket
@@ -225,6 +226,8 @@ class Server:
         self._idle = threading.Event()
         self._idle.set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._handling = 0  # requests being answered
+        self._last_request = -math.inf
 
     def __enter__(self) -> Server:
         return self
@@ -261,6 +264,10 @@ class Server:
         with contextlib.suppress(RuntimeError):  # the loop has closed meanwhile
             loop.call_soon_threadsafe(stop.set)
         self._idle.wait()
+
+    def requests_seen(self) -> tuple[int, float]:
+        """(requests being answered, when the last one arrived on the monotonic clock)."""
+        return self._handling, self._last_request
 
     def server_close(self) -> None:
         self.socket.close()
@@ -305,12 +312,16 @@ class Server:
                 return
             if request is None:
                 return
+            self._handling += 1
+            self._last_request = time.monotonic()
             try:
                 response = await self.handler(request)
             except Exception:
                 traceback.print_exc()
                 response = error_response(500, "the fake provider failed on this request")
                 response.close = True
+            finally:
+                self._handling -= 1
             keep_alive = request.keep_alive and not response.close
             writer.write(response.encode(keep_alive, http10=request.version == "HTTP/1.0"))
             await writer.drain()
