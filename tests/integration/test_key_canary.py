@@ -38,16 +38,17 @@ from ai_rate_limiter.adapters import secrets_box
 from ai_rate_limiter.adapters.postgres import provider_from_row
 from ai_rate_limiter.adapters.rabbitmq import connection_parameters
 from ai_rate_limiter.adapters.secrets_box import KeyUnreadable, new_secret
+from ai_rate_limiter.adapters.webhooks import batch_secret_id, endpoint_secret_id
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.config import Settings
 from ai_rate_limiter.errors import DependencyUnavailable
 from ai_rate_limiter.migrate import ensure_database, migrate, migrations_dir
-from ai_rate_limiter.services import invocation, providers, sweeper
+from ai_rate_limiter.services import endpoints, invocation, messages, providers, sweeper
 from chalice.test import Client
 
-from tests.conftest import FakeProvider, Receiver
+from tests.conftest import CLOSED_PORT, FakeProvider, Receiver
 
-from .conftest import Api, app_on, take_event
+from .conftest import Api, app_on, make_queue, take_event
 
 T = "default"
 
@@ -373,15 +374,28 @@ def test_rotate_keys_reseals_every_key_under_the_new_secret(
     keys = [canary() for _ in range(3)]
     spec = {"provider_name": "r", "provider_type": "openai", "limit": 10, "config": {"endpoint": fake.url}}
     ids = [providers.create(container, T, {**spec, "api_key": k})["provider_id"] for k in keys]
+    q = make_queue(container, fake.url)
+    hook = f"http://{CLOSED_PORT}/hook"
+    batch = messages.submit(container, T, {"queue_id": q, "webhook_url": hook, "messages": [{"prompt": "a"}]})
+    endpoint = endpoints.create(container, T, {"url": hook})
     old = container.settings.provider_key_secrets
     new = new_secret()
     monkeypatch.setenv("DATABASE_URL", container.settings.database_url)
     monkeypatch.setenv("PROVIDER_KEY_SECRETS", f"{new},{old}")
     assert rotate_keys.main([]) == 0
-    assert "re-sealed 3 provider key(s)" in capsys.readouterr().out
-    secrets_box.use(secrets_box.from_settings(replace(container.settings, provider_key_secrets=new)))
+    # the three, and the queue's own provider's; the batch's and the endpoint's secrets
+    assert "re-sealed 4 provider key(s) and 2 webhook secret(s)" in capsys.readouterr().out
+    only_new = secrets_box.from_settings(replace(container.settings, provider_key_secrets=new))
+    secrets_box.use(only_new)
     for pid, key in zip(ids, keys, strict=True):
         assert provider_from_row(container.store.get_provider(T, pid)).api_key == key
+    with container.db.tx() as cur:
+        cur.execute("SELECT webhook_secret FROM batches WHERE id = %s", (batch["batch_id"],))
+        sealed_batch = cur.fetchone()["webhook_secret"]
+        cur.execute("SELECT secret FROM webhook_endpoints WHERE id = %s", (endpoint["webhook_id"],))
+        sealed_endpoint = cur.fetchone()["secret"]
+    assert only_new.open(batch_secret_id(batch["batch_id"]), sealed_batch) == batch["webhook_secret"]
+    assert only_new.open(endpoint_secret_id(endpoint["webhook_id"]), sealed_endpoint) == endpoint["secret"]
 
 
 def test_keys_stored_before_encryption_are_sealed_when_a_process_starts(

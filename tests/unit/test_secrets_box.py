@@ -173,11 +173,14 @@ class Rows:
 
             def execute(self, sql: str, params: Any) -> None:
                 if sql.startswith("UPDATE"):
+                    assert sql.startswith("UPDATE providers SET api_key")
                     rows[params[1]] = params[0]
+                elif "FROM providers" not in sql:
+                    self.found = []  # no webhook secrets here
                 else:
                     only = params["only"]
                     self.found = [
-                        {"id": i, "api_key": k}
+                        {"id": i, "secret": k}
                         for i, k in sorted(rows.items())
                         if not only or not k.startswith(params["scheme"])
                     ]
@@ -195,7 +198,7 @@ def test_rotate_reseals_every_key_under_the_first_secret_and_names_the_unreadabl
     db = Rows({pid: box(old).seal(pid, k) for pid, k in keys.items()})
     db.rows[third] = box(new_secret()).seal(third, key())  # under a key nobody has any more
     done, unreadable = rotate_keys.reseal(db, box(new, old))
-    assert (done, unreadable) == (2, [third])
+    assert (done, unreadable) == ({"provider key": 2}, [f"providers {third}"])
     assert {pid: box(new).open(pid, db.rows[pid]) for pid in keys} == keys
 
 

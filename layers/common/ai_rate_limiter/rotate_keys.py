@@ -1,6 +1,6 @@
-"""Re-encrypt every stored provider API key under the first data key.
+"""Re-encrypt every stored secret (provider API keys, webhook secrets) under the first data key.
 
-    python -m ai_rate_limiter.rotate_keys                # re-seal every key; says how many
+    python -m ai_rate_limiter.rotate_keys                # re-seal every secret; says how many
     python -m ai_rate_limiter.rotate_keys new-secret     # print a new key for PROVIDER_KEY_SECRETS
     python -m ai_rate_limiter.rotate_keys new-data-key   # print a new KMS data key for KMS_DATA_KEY
 
@@ -12,35 +12,64 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from .adapters.postgres import Database
 from .adapters.secrets_box import SCHEME, KeyUnreadable, SecretBox, from_settings, new_data_key, new_secret
+from .adapters.webhooks import batch_secret_id, endpoint_secret_id
 from .config import Settings
 from .errors import AppError, DependencyUnavailable
 
 log = logging.getLogger(__name__)
 
 
-def reseal(db: Database, box: SecretBox, only_unsealed: bool = False) -> tuple[int, list[str]]:
-    """Seal every stored key again under the box's first data key (with `only_unsealed`, only
-    the keys stored before keys were encrypted). One transaction; returns how many were sealed
-    and the providers whose keys no configured data key opens (left as they are)."""
-    done, unreadable = 0, []
+@dataclass(frozen=True)
+class Sealed:
+    """A column of sealed secrets, each sealed for its row (`secret_id` of the row's id)."""
+
+    table: str
+    column: str
+    secret_id: Callable[[str], str]
+    kind: str
+
+
+SEALED = (
+    Sealed("providers", "api_key", str, "provider key"),
+    Sealed("batches", "webhook_secret", batch_secret_id, "webhook secret"),
+    Sealed("webhook_endpoints", "secret", endpoint_secret_id, "webhook secret"),
+)
+
+
+def reseal(
+    db: Database, box: SecretBox, only_unsealed: bool = False, columns: Sequence[Sealed] = SEALED
+) -> tuple[Counter[str], list[str]]:
+    """Seal every secret stored in `columns` again under the box's first data key (with
+    `only_unsealed`, only those stored before they were encrypted). One transaction; returns
+    how many of each kind were sealed, and the rows (`table id`) whose secret no configured
+    data key opens (left as they are)."""
+    done: Counter[str] = Counter()
+    unreadable: list[str] = []
     with db.tx() as cur:
-        cur.execute(
-            """SELECT id::text, api_key FROM providers
-               WHERE NOT %(only)s OR left(api_key, %(n)s) <> %(scheme)s
-               ORDER BY id FOR UPDATE""",
-            {"only": only_unsealed, "n": len(SCHEME), "scheme": SCHEME},
-        )
-        for row in cur.fetchall():
-            try:
-                sealed = box.reseal(row["id"], row["api_key"])
-            except KeyUnreadable:
-                unreadable.append(row["id"])
-                continue
-            cur.execute("UPDATE providers SET api_key = %s WHERE id = %s", (sealed, row["id"]))
-            done += 1
+        for sealed in columns:
+            cur.execute(
+                f"""SELECT id::text, {sealed.column} AS secret FROM {sealed.table}
+                    WHERE {sealed.column} IS NOT NULL
+                      AND (NOT %(only)s OR left({sealed.column}, %(n)s) <> %(scheme)s)
+                    ORDER BY id FOR UPDATE""",
+                {"only": only_unsealed, "n": len(SCHEME), "scheme": SCHEME},
+            )
+            for row in cur.fetchall():
+                try:
+                    again = box.reseal(sealed.secret_id(row["id"]), row["secret"])
+                except KeyUnreadable:
+                    unreadable.append(f"{sealed.table} {row['id']}")
+                    continue
+                cur.execute(
+                    f"UPDATE {sealed.table} SET {sealed.column} = %s WHERE id = %s", (again, row["id"])
+                )
+                done[sealed.kind] += 1
     return done, unreadable
 
 
@@ -49,13 +78,15 @@ def seal_unsealed(db: Database, box: SecretBox) -> int:
     encrypted are sealed (after the first start there are none, and it is one query). With
     Postgres down it is left to the next start: such keys are still read as they are."""
     try:
-        done, _ = reseal(db, box, only_unsealed=True)
+        # Provider keys only: a scan of every batch at every start would cost more than the
+        # few webhook secrets from before sealing are worth (rotate_keys seals those).
+        done, _ = reseal(db, box, only_unsealed=True, columns=SEALED[:1])
     except DependencyUnavailable as exc:
-        log.warning("provider keys stored unencrypted are sealed at the next start: %s", exc.detail)
+        log.warning("secrets stored unencrypted are sealed at the next start: %s", exc.detail)
         return 0
-    if done:
-        log.warning("sealed %d provider API key(s) that were stored unencrypted", done)
-    return done
+    for kind, n in done.items():
+        log.warning("sealed %d %s(s) that were stored unencrypted", n, kind)
+    return sum(done.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,11 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     except AppError as exc:
         print(exc.detail, file=sys.stderr)
         return 1
-    print(f"re-sealed {done} provider key(s) under the first data key")
+    print(
+        f"re-sealed {done['provider key']} provider key(s) and {done['webhook secret']} webhook "
+        "secret(s) under the first data key"
+    )
     if unreadable:
         print(
-            f"{len(unreadable)} key(s) no configured data key opens, left as they were: "
-            f"providers {', '.join(unreadable)}",
+            f"{len(unreadable)} secret(s) no configured data key opens, left as they were: "
+            f"{', '.join(unreadable)}",
             file=sys.stderr,
         )
         return 1

@@ -31,6 +31,16 @@ SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32  # the spec: at least 24
 
 
+def batch_secret_id(batch_id: str) -> str:
+    """What a batch's webhook secret is sealed for: that batch alone."""
+    return f"batch-{batch_id}"  # no colon: the box keeps "<id>:<secret>"
+
+
+def endpoint_secret_id(endpoint_id: str) -> str:
+    """What a tenant endpoint's secret is sealed for: that endpoint alone."""
+    return f"endpoint-{endpoint_id}"
+
+
 def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(SECRET_BYTES)).decode()
 

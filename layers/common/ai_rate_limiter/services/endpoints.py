@@ -8,17 +8,12 @@ import uuid
 from typing import Any
 
 from ..adapters.egress import check_destination
-from ..adapters.webhooks import new_secret
+from ..adapters.webhooks import endpoint_secret_id, new_secret
 from ..bootstrap import Container
 from ..domain.schemas import WebhookIn, WebhookPatch, parse
 from ..errors import ValidationFailed
 from .providers import checked_id
 from .views import Row, iso
-
-
-def endpoint_key_id(endpoint_id: str) -> str:
-    """What an endpoint's secret is sealed for: that endpoint alone."""
-    return f"endpoint-{endpoint_id}"  # no colon: the box keeps "<id>:<secret>"
 
 
 def view(row: Row) -> Row:
@@ -45,7 +40,7 @@ def create(c: Container, tenant: str, body: Any) -> Row:
             "id": endpoint_id,
             "url": spec.url,
             "description": spec.description,
-            "secret": c.keys.seal(endpoint_key_id(endpoint_id), secret),
+            "secret": c.keys.seal(endpoint_secret_id(endpoint_id), secret),
         },
     )
     return {**view(row), "secret": secret}  # shown this once

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..adapters.egress import check_destination
-from ..adapters.webhooks import new_secret
+from ..adapters.webhooks import batch_secret_id, new_secret
 from ..bootstrap import Container
 from ..domain.models import ChatRequest
 from ..domain.schemas import BatchIn, MessageFields, MessageIn, parse
@@ -108,7 +108,7 @@ def _submit_batch(c: Container, tenant: str, body: dict[str, Any]) -> Row:
         "webhook_url": batch_in.webhook_url,
         "webhook_event": batch_in.webhook_event if batch_in.webhook_url else None,
         # stored sealed, as provider keys are: a database dump alone signs nothing
-        "webhook_secret": None if secret is None else c.keys.seal(webhook_key_id(batch_id), secret),
+        "webhook_secret": None if secret is None else c.keys.seal(batch_secret_id(batch_id), secret),
     }
     _store_and_publish(c, tenant, batch_in.queue_id, batch, rows)
     answer: Row = {
@@ -120,11 +120,6 @@ def _submit_batch(c: Container, tenant: str, body: dict[str, Any]) -> Row:
     if secret is not None:
         answer["webhook_secret"] = secret
     return answer
-
-
-def webhook_key_id(batch_id: str) -> str:
-    """What a batch's webhook secret is sealed for: that batch alone."""
-    return f"batch-{batch_id}"  # no colon: the box keeps "<id>:<secret>"
 
 
 def _store_and_publish(c: Container, tenant: str, queue_id: str, batch: Row | None, rows: list[Row]) -> None:

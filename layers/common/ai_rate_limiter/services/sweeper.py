@@ -10,12 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..adapters.secrets_box import KeyUnreadable, is_sealed
-from ..adapters.webhooks import Answer
+from ..adapters.webhooks import Answer, batch_secret_id, endpoint_secret_id
 from ..bootstrap import Container
 from ..domain.backoff import backoff_s
 from . import shards
-from .endpoints import endpoint_key_id
-from .messages import webhook_key_id
 from .views import Row, all_counts, iso
 
 log = logging.getLogger(__name__)
@@ -94,13 +92,13 @@ class Delivery:
 
     @classmethod
     def of_batch(cls, row: Row) -> Delivery:
-        key_id = webhook_key_id(str(row["id"]))
+        key_id = batch_secret_id(str(row["id"]))
         return cls(row, row["webhook_url"], row["webhook_attempts"], key_id, row.get("webhook_secret"))
 
     @classmethod
     def to_endpoint(cls, row: Row) -> Delivery:
         endpoint = row["endpoint_id"]
-        return cls(row, row["url"], row["attempts"], endpoint_key_id(endpoint), row["secret"], endpoint)
+        return cls(row, row["url"], row["attempts"], endpoint_secret_id(endpoint), row["secret"], endpoint)
 
     def __str__(self) -> str:
         batch = f"batch {self.row['id']}"
