@@ -7,7 +7,10 @@ import redis
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.migrate import ensure_database, migrate
 
-TABLES = "webhook_deliveries, webhook_endpoints, messages, batches, queue_providers, queues, providers"
+TABLES = (
+    "idempotency_keys, webhook_deliveries, webhook_endpoints, messages, batches, queue_providers, "
+    "queues, providers"
+)
 
 
 def fresh_state(c: Container) -> Container:

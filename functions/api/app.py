@@ -219,9 +219,17 @@ def delete_queue(queue_id: str) -> Any:
     return queues.delete(c(), tenant(), queue_id)
 
 
-@route("/message/create", "POST", 202, body=[MessageIn, BatchIn], yields=["message_id", "batch_id"])
+@route(
+    "/message/create",
+    "POST",
+    202,
+    body=[MessageIn, BatchIn],
+    yields=["message_id", "batch_id"],
+    headers=[("Idempotency-Key", {"type": "string", "pattern": messages.IDEMPOTENCY_KEY.pattern})],
+)
 def create_message() -> Any:
-    return messages.submit(c(), tenant(), body())
+    """Send a message or a batch; with an Idempotency-Key, sent again it answers what it did first"""
+    return messages.submit(c(), tenant(), body(), request().headers.get("idempotency-key"))
 
 
 @route("/message/read/{message_id}", "GET")

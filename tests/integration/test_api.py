@@ -9,7 +9,7 @@ from urllib.parse import quote
 
 import pytest
 from ai_rate_limiter.bootstrap import Container
-from ai_rate_limiter.services import health, invocation
+from ai_rate_limiter.services import health, invocation, sweeper
 
 from tests.conftest import FakeProvider
 
@@ -207,15 +207,17 @@ def test_message_errors_change_nothing(
     assert count_rows(container) == before
 
 
-def test_a_failed_publish_leaves_no_half_written_batch(
+def test_a_publish_that_fails_after_the_commit_answers_202_and_the_relay_finishes_it(
     api: Api, container: Container, fake: FakeProvider
 ) -> None:
     q = make_queue(api, fake.url)
     container.broker.delete(container.names("default", q))  # the broker queue vanished
-    before = count_rows(container)
     r = api.call("post", "/message/create", {"queue_id": q, "messages": [{"prompt": "a"}]})
-    assert r.status_code in (404, 503)
-    assert count_rows(container) == before
+    assert r.status_code == 202, r.body
+    with container.db.tx() as cur:
+        cur.execute("UPDATE messages SET relay_after = now() WHERE batch_id = %s", (r.json["batch_id"],))
+    assert sweeper.sweep(container)["relayed"] == 1
+    assert container.broker.ready(container.names("default", q).main) == 1
 
 
 def test_batch_progress_pages_and_results_in_input_order(

@@ -67,6 +67,7 @@ class Settings:
     webhook_max_attempts: int = 8
     sweeper_interval_s: float = 1.0
     max_batch_size: int = 100_000
+    idempotency_ttl_s: float = 86_400.0  # how long an Idempotency-Key keeps its first answer
     max_body_bytes: int = 6 * 1024 * 1024  # what a Lambda function accepts
     page_size: int = 1000
     max_page_size: int = 10_000

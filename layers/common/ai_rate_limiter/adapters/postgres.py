@@ -44,6 +44,10 @@ def _fail_waiting(cur: Any, endpoint_id: str, reason: str | None) -> None:
     )
 
 
+class KeyTaken(Exception):
+    """An idempotency key another submission has already committed."""
+
+
 class Database:
     """A blocking pool of at most `maxconn` connections, opened as needed and kept open (so a
     busy worker does not pay a new Postgres backend per transaction); `tx()` is one
@@ -535,9 +539,26 @@ class Store:
 
     # -- messages ---------------------------------------------------------------------------
 
-    def insert_messages(self, tenant: str, batch: Row | None, rows: Sequence[Row]) -> None:
-        """One transaction: the batch (if any) and all its messages, or nothing."""
+    def insert_messages(
+        self, tenant: str, batch: Row | None, rows: Sequence[Row], key: Row | None = None
+    ) -> None:
+        """One transaction: the batch (if any) and all its messages, or nothing; with `key`
+        (`key`, `body_hash`, `answer`, `ttl_s`), its idempotency key too, first: a key already
+        taken (and not expired) raises KeyTaken, and nothing is written."""
         with self.db.tx() as cur:
+            if key is not None:
+                cur.execute(
+                    """DELETE FROM idempotency_keys WHERE tenant_id = %(tenant)s AND key = %(key)s
+                       AND created_at < now() - make_interval(secs => %(ttl_s)s)""",
+                    {**key, "tenant": tenant},
+                )
+                cur.execute(
+                    """INSERT INTO idempotency_keys (tenant_id, key, body_hash, answer)
+                       VALUES (%(tenant)s, %(key)s, %(body_hash)s, %(answer)s) ON CONFLICT DO NOTHING""",
+                    {**key, "tenant": tenant},
+                )
+                if cur.rowcount == 0:
+                    raise KeyTaken(key["key"])
             if batch is not None:
                 cur.execute(
                     """INSERT INTO batches (tenant_id, id, queue_id, total, webhook_url,
@@ -552,15 +573,43 @@ class Store:
                 copy_rows(tenant, rows),
             )
 
-    def discard_messages(self, tenant: str, batch_id: str | None, ids: Sequence[str]) -> None:
-        """Undo a submission whose publish failed."""
+    def idempotent_answer(self, tenant: str, key: str, ttl_s: float) -> Row | None:
+        """The first answer to `key` (`body_hash`, sealed `answer`), unless it has expired."""
         with self.db.tx() as cur:
             cur.execute(
-                "DELETE FROM messages WHERE tenant_id = %s AND id = ANY(%s::uuid[])",
-                (tenant, list(ids)),
+                """SELECT body_hash, answer FROM idempotency_keys
+                   WHERE tenant_id = %s AND key = %s AND created_at >= now() - make_interval(secs => %s)""",
+                (tenant, key, ttl_s),
             )
-            if batch_id:
-                cur.execute("DELETE FROM batches WHERE tenant_id = %s AND id = %s", (tenant, batch_id))
+            row = cur.fetchone()
+        return None if row is None else {"body_hash": bytes(row["body_hash"]), "answer": row["answer"]}
+
+    def forget_idempotency_keys(self, ttl_s: float) -> int:
+        with self.db.tx() as cur:
+            cur.execute(
+                "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => %s)", (ttl_s,)
+            )
+            return int(cur.rowcount)
+
+    def published(self, ids: Sequence[str]) -> None:
+        """The broker has confirmed these messages: nothing left to relay."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE messages SET relay_after = NULL
+                   WHERE id = ANY(%s::uuid[]) AND relay_after IS NOT NULL""",
+                (list(ids),),
+            )
+
+    def to_relay(self, limit: int) -> list[Row]:
+        """Queued messages committed and not confirmed by the broker in time, oldest first."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """SELECT tenant_id, queue_id, id::text FROM messages
+                   WHERE relay_after < now() AND status = 'queued'
+                   ORDER BY relay_after, seq LIMIT %s""",
+                (limit,),
+            )
+            return [dict(r) for r in cur.fetchall()]
 
     def get_message(self, tenant: str, message_id: str) -> Row:
         with self.db.tx() as cur:

@@ -1,4 +1,5 @@
-"""The one publish step: message ids to the queue's broker queue (an outbox can feed it later)."""
+"""The one publish step: committed message ids to the queue's broker queue, and the relay of
+those whose publish was not confirmed (the outbox)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Sequence
 
 from ..bootstrap import Container
 from ..domain.models import ClaimedMessage
+from ..errors import NotFound
 from ..ports import WorkerPorts
 
 
@@ -22,11 +24,39 @@ def message_bodies(tenant: str, ids: Sequence[str]) -> list[bytes]:
 
 
 def publish(c: Container, tenant: str, queue_id: str, ids: Sequence[str], workers: int = 1) -> None:
-    """Spread over the queue's `workers` shards, in turn, so each worker's event source mapping
-    has work to start on and input order is kept within each shard."""
+    """Committed messages to the broker, spread over the queue's `workers` shards in turn, so
+    each worker's event source mapping has work to start on and input order is kept within
+    each shard. Each shard's messages are marked published once the broker has confirmed
+    them; until then the sweeper would relay them (`relay`)."""
     names = c.names(tenant, queue_id)
     for i in range(min(workers, len(ids))):
-        c.broker.publish(names.shard(i), message_bodies(tenant, ids[i::workers]))
+        shard = ids[i::workers]
+        c.broker.publish(names.shard(i), message_bodies(tenant, shard))
+        c.store.published(shard)
+
+
+def relay(c: Container, limit: int = 10_000) -> int:
+    """Publish what was committed and not confirmed in time: a submission whose process died
+    or whose publish failed after the commit. A message may so reach the broker twice (its
+    first publish was confirmed, the mark was not); the worker claims it once. A broker queue
+    that has gone is declared again. How many were published."""
+    rows = c.store.to_relay(limit)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        groups.setdefault((r["tenant_id"], r["queue_id"]), []).append(r["id"])
+    done = 0
+    for (tenant, queue_id), ids in groups.items():
+        queue = c.store.queue_workers(tenant, queue_id)
+        if not queue:
+            continue  # deleted meanwhile: its messages went with it
+        workers = queue[0]["workers"]
+        try:
+            publish(c, tenant, queue_id, ids, workers)
+        except NotFound:
+            c.broker.declare(c.names(tenant, queue_id), workers)
+            publish(c, tenant, queue_id, ids, workers)
+        done += len(ids)
+    return done
 
 
 def publish_later(c: WorkerPorts, tenant: str, queue_id: str, message_id: str, delay_s: float) -> None:

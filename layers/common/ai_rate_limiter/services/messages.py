@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import gc
+import hashlib
+import hmac
+import json
+import logging
+import re
 import secrets
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from ..adapters.egress import check_destination
+from ..adapters.postgres import KeyTaken
 from ..adapters.webhooks import batch_secret_id, new_secret
 from ..bootstrap import Container
 from ..domain.models import ChatRequest
 from ..domain.schemas import BatchIn, MessageFields, MessageIn, parse
-from ..errors import AppError, Conflict, NotFound, PayloadTooLarge
+from ..errors import AppError, Conflict, NotFound, PayloadTooLarge, field_error, invalid
 from . import dispatch
 from .providers import checked_id
 from .views import Row, message_view
+
+log = logging.getLogger(__name__)
 
 
 def chat_request(m: MessageFields) -> ChatRequest:
@@ -73,17 +82,75 @@ def message_row(queue_id: str, m: MessageFields, batch_id: str | None, seq: int,
     }
 
 
-def submit(c: Container, tenant: str, body: Any) -> Row:
-    """The seed's single form (`prompt`) or batch form (`messages`); 202 either way."""
+IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, as a header carries it
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a submission stores and answers, known before anything is written."""
+
+    queue_id: str
+    batch: Row | None
+    rows: list[Row]
+    answer: Row
+
+
+def submit(c: Container, tenant: str, body: Any, idempotency_key: str | None = None) -> Row:
+    """The seed's single form (`prompt`) or batch form (`messages`); 202 either way. With an
+    `Idempotency-Key`, the same key and body answer what the first did (and store nothing
+    more); the same key with another body is 422. The key is taken in the submission's own
+    transaction, so two sent at once make one submission."""
+    key = None if idempotency_key is None else idempotency(tenant, idempotency_key, body)
+    if key is not None and (first := replayed(c, tenant, key)) is not None:
+        return first
     if isinstance(body, dict) and "messages" in body:
-        return _submit_batch(c, tenant, body)
-    msg = parse(MessageIn, body)
-    row = message_row(msg.queue_id, msg, None, 0)
-    _store_and_publish(c, tenant, msg.queue_id, None, [row])
-    return {"message_id": row["id"], "status": "queued", "queue_id": msg.queue_id}
+        made = _batch(c, body)
+    else:
+        msg = parse(MessageIn, body)
+        row = message_row(msg.queue_id, msg, None, 0)
+        made = Submission(
+            msg.queue_id, None, [row], {"message_id": row["id"], "status": "queued", "queue_id": msg.queue_id}
+        )
+    if key is not None:
+        sealed = c.keys.seal(key["secret_id"], json.dumps(made.answer))
+        key = {**key, "answer": sealed, "ttl_s": c.settings.idempotency_ttl_s}
+    try:
+        _store_and_publish(c, tenant, made, key)
+    except KeyTaken:  # another request with the key committed first
+        assert key is not None
+        first = replayed(c, tenant, key)
+        if first is None:
+            raise Conflict("A request with this Idempotency-Key is being answered; send it again.") from None
+        return first
+    return made.answer
 
 
-def _submit_batch(c: Container, tenant: str, body: dict[str, Any]) -> Row:
+def idempotency(tenant: str, key: str, body: Any) -> Row:
+    if not IDEMPOTENCY_KEY.match(key):
+        raise invalid([field_error(["Idempotency-Key"], "1 to 255 printable ASCII characters")])
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    name = hashlib.sha256(f"{tenant}\n{key}".encode()).hexdigest()
+    return {"key": key, "body_hash": digest.digest(), "secret_id": f"idempotency-{name}"}
+
+
+def replayed(c: Container, tenant: str, key: Row) -> Row | None:
+    """The first answer to this key and body; None if the key is free."""
+    first = c.store.idempotent_answer(tenant, key["key"], c.settings.idempotency_ttl_s)
+    if first is None:
+        return None
+    if not hmac.compare_digest(first["body_hash"], key["body_hash"]):
+        raise invalid(
+            [
+                field_error(
+                    ["Idempotency-Key"], "was sent before with another body; use a new key for this one"
+                )
+            ]
+        )
+    answer: Row = json.loads(c.keys.open(key["secret_id"], first["answer"]))
+    return answer
+
+
+def _batch(c: Container, body: dict[str, Any]) -> Submission:
     items = body.get("messages")
     if isinstance(items, list) and len(items) > c.settings.max_batch_size:
         raise PayloadTooLarge(
@@ -110,7 +177,6 @@ def _submit_batch(c: Container, tenant: str, body: dict[str, Any]) -> Row:
         # stored sealed, as provider keys are: a database dump alone signs nothing
         "webhook_secret": None if secret is None else c.keys.seal(batch_secret_id(batch_id), secret),
     }
-    _store_and_publish(c, tenant, batch_in.queue_id, batch, rows)
     answer: Row = {
         "batch_id": batch_id,
         "total": len(rows),
@@ -119,21 +185,26 @@ def _submit_batch(c: Container, tenant: str, body: dict[str, Any]) -> Row:
     }
     if secret is not None:
         answer["webhook_secret"] = secret
-    return answer
+    return Submission(batch_in.queue_id, batch, rows, answer)
 
 
-def _store_and_publish(c: Container, tenant: str, queue_id: str, batch: Row | None, rows: list[Row]) -> None:
-    """Store first, then publish; if publishing fails, the stored rows are removed again."""
-    queue = c.store.queue_workers(tenant, queue_id)
+def _store_and_publish(c: Container, tenant: str, made: Submission, key: Row | None) -> None:
+    """Commit, then publish (the outbox): once the rows are committed the submission stands.
+    A publish that fails or is cut short is finished by the sweeper's relay, so the answer is
+    202 either way, and a client never has a reason to send the same batch twice."""
+    queue = c.store.queue_workers(tenant, made.queue_id)
     if not queue:
-        raise NotFound(f"No queue {queue_id}.")
-    c.store.insert_messages(tenant, batch, rows)
-    ids = [r["id"] for r in rows]
+        raise NotFound(f"No queue {made.queue_id}.")
+    c.store.insert_messages(tenant, made.batch, made.rows, key)
     try:
-        dispatch.publish(c, tenant, queue_id, ids, queue[0]["workers"])
-    except AppError:
-        c.store.discard_messages(tenant, batch["id"] if batch else None, ids)
-        raise
+        dispatch.publish(c, tenant, made.queue_id, [r["id"] for r in made.rows], queue[0]["workers"])
+    except AppError as exc:
+        log.warning(
+            "%d message(s) for %s committed; the relay publishes them: %s",
+            len(made.rows),
+            made.queue_id,
+            exc.detail,
+        )
 
 
 def read(c: Container, tenant: str, message_id: str) -> Row:

@@ -41,6 +41,7 @@ class Operation:
     body: Sequence[type[BaseModel]] = ()  # one of these
     body_required: bool = True
     query: Sequence[tuple[str, dict[str, Any]]] = field(default_factory=tuple)
+    headers: Sequence[tuple[str, dict[str, Any]]] = field(default_factory=tuple)  # optional ones
     produces: Sequence[str] = ("application/json",)
     yields: Sequence[str] = ()  # ids in the answer's body that other operations take in their path
 
@@ -198,7 +199,9 @@ def _operation(op: Operation, links: dict[str, Any]) -> dict[str, Any]:
         for name in path_params(op.path)
     ]
     params += [
-        {"name": name, "in": "query", "required": False, "schema": schema} for name, schema in op.query
+        {"name": name, "in": where, "required": False, "schema": schema}
+        for where, given in (("query", op.query), ("header", op.headers))
+        for name, schema in given
     ]
     answers: dict[str, Any] = {
         str(op.status): {

@@ -1,5 +1,6 @@
-"""The scheduled sweep: finish batches whose messages are all done, move what is left in retired
-shards to the main queue, deliver due webhooks."""
+"""The scheduled sweep: publish what was committed and not confirmed by the broker in time,
+finish batches whose messages are all done, move what is left in retired shards to the main
+queue, deliver due webhooks."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..adapters.secrets_box import KeyUnreadable, is_sealed
 from ..adapters.webhooks import Answer, batch_secret_id, endpoint_secret_id
 from ..bootstrap import Container
 from ..domain.backoff import backoff_s
-from . import shards
+from . import dispatch, shards
 from .views import Row, all_counts, iso
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,13 @@ def deliver_webhooks(c: Container, limit: int = 20) -> dict[str, int]:
 
 
 def sweep(c: Container) -> dict[str, int]:
+    relayed = dispatch.relay(c)
+    c.store.forget_idempotency_keys(c.settings.idempotency_ttl_s)
     finished = sum(c.store.finish_batch_if_done(b) for b in c.store.unfinished_batches())
     moved = shards.fold_retired(c)
-    return {"batches_finished": finished, "moved_from_retired_shards": moved, **deliver_webhooks(c)}
+    return {
+        "relayed": relayed,
+        "batches_finished": finished,
+        "moved_from_retired_shards": moved,
+        **deliver_webhooks(c),
+    }
