@@ -23,6 +23,7 @@ from ai_rate_limiter.domain.limits import (
 )
 from ai_rate_limiter.domain.models import Provider
 from ai_rate_limiter.errors import (
+    DependencyUnavailable,
     LateForSlot,
     ProviderError,
     ProviderRejected,
@@ -529,3 +530,42 @@ def test_a_message_leaves_no_reference_cycle_behind(ports: FakePorts) -> None:
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_a_paid_answer_is_stored_through_a_postgres_blip(ports: FakePorts) -> None:
+    """Postgres unreachable for a moment as the answer comes: it is stored once Postgres is
+    back, and the provider is not paid twice."""
+    p = queue(ports)
+    mid = ports.store.add_message(Q)
+    ports.providers.script(p.id, answer("kept"))
+    store = ports.store.complete
+    blips = deque([DependencyUnavailable("postgres: connection reset")] * 3)
+
+    def blipping(*args: object) -> bool:
+        if blips:
+            raise blips.popleft()
+        return store(*args)  # type: ignore[arg-type]
+
+    ports.store.complete = blipping  # type: ignore[method-assign,assignment]
+    t0 = ports.clock.now_us
+
+    assert run(ports, mid) == "completed"
+    assert len(ports.providers.calls) == 1 and ports.store.messages[mid].result is not None
+    assert ports.clock.now_us - t0 == us(0.1 + 0.2 + 0.4)  # growing pauses
+
+
+def test_a_paid_answer_that_cannot_be_stored_in_time_raises_for_the_event_to_come_again(
+    ports: FakePorts,
+) -> None:
+    p = queue(ports)
+    mid = ports.store.add_message(Q)
+    ports.providers.script(p.id, answer("lost"))
+
+    def down(*args: object) -> bool:
+        raise DependencyUnavailable("postgres: connection refused")
+
+    ports.store.complete = down  # type: ignore[method-assign,assignment]
+    t0 = ports.clock.now_us
+    with pytest.raises(DependencyUnavailable):
+        run(ports, mid)
+    assert 25 <= (ports.clock.now_us - t0) / 1e6 <= 30  # KEEP_ANSWER_S, then it gives up

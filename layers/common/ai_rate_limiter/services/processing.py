@@ -17,7 +17,7 @@ from ..domain import tokens
 from ..domain.decisions import OnError, on_error
 from ..domain.feedback import exhausted
 from ..domain.limits import Headroom, Limit, concurrency_key, provider_limits, settlement, token_key
-from ..domain.models import ClaimedMessage, Provider
+from ..domain.models import ClaimedMessage, Provider, ProviderResult
 from ..errors import (
     DependencyUnavailable,
     LateForSlot,
@@ -34,6 +34,7 @@ SAFETY_S = 1.0  # never plan work into the last second of an invocation
 MAX_LATE_WAKEUPS = 5
 RETIME_WAIT_S = 1.0  # a request late at its departure waits this long at most for a fresh slot
 LIMITER_RETRY_S = 5.0  # how long a message waits when Redis is unreachable
+KEEP_ANSWER_S = 30.0  # how long a paid answer is tried to be stored while Postgres blips
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def attempt_until_done(
         else:
             # The answer is paid for: store it first; what the limiter learns from it is best
             # effort (a lost settlement only leaves the schedule more careful than it need be).
-            stored = c.store.complete(m, provider, result)
+            stored = keep_answer(c, m, provider, result, lambda: deadline.remaining() - SAFETY_S)
             used = tokens.charged(
                 provider, m.request, result.usage.prompt_tokens, result.usage.completion_tokens
             )
@@ -183,6 +184,25 @@ def attempt_until_done(
                 # see (the write itself, on a busy machine) is what the guard has to cover.
                 write_s = departure.left_at - departure.sent_at
                 ticket.departed(provider.id, departure.left_at - departure.slot_at, write_s)
+
+
+def keep_answer(
+    c: WorkerPorts, m: ClaimedMessage, provider: Provider, result: ProviderResult, left: Callable[[], float]
+) -> bool:
+    """Store a paid answer, trying again while Postgres blips (growing pauses, for as long as
+    the invocation has time and at most KEEP_ANSWER_S): given up, the message comes again and
+    its provider is called again. Whether it was still this attempt's."""
+    pause, waited = 0.1, 0.0
+    while True:
+        try:
+            return c.store.complete(m, provider, result)
+        except DependencyUnavailable as exc:
+            if waited + pause > KEEP_ANSWER_S or pause > left():
+                raise
+            log.warning("storing the answer to %s failed; again in %.1fs: %s", m.id, pause, exc.detail)
+            c.clock.sleep(pause)
+            waited += pause
+            pause = min(pause * 2, 2.0)
 
 
 def carry_out(c: WorkerPorts, m: ClaimedMessage, plan: Plan, index: int, decision: OnError) -> bool:
