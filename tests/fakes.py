@@ -257,6 +257,7 @@ class StoredMessage:
     provider_id: str | None = None
     provider_name: str | None = None
     result: ProviderResult | None = None
+    unpublished: bool = False  # released and its delayed copy not confirmed yet: the relay's
 
 
 class MemoryStore:
@@ -380,9 +381,13 @@ class MemoryStore:
         m = self._held(msg)
         if m is None:
             return False
-        m.status, m.lease_until = "queued", None
+        m.status, m.lease_until, m.unpublished = "queued", None, True
         m.last_error = note if note is not None else m.last_error
         return True
+
+    def published(self, ids: Sequence[str]) -> None:
+        for mid in ids:
+            self.messages[mid].unpublished = False
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.domain.schemas import MessageFields, parse
-from ai_rate_limiter.errors import DependencyUnavailable
-from ai_rate_limiter.services import invocation, messages, queues, sweeper
+from ai_rate_limiter.errors import DependencyUnavailable, NotFound
+from ai_rate_limiter.services import dispatch, invocation, messages, queues, sweeper
 from chalice.test import Client
 
 from tests.conftest import CLOSED_PORT, FakeProvider, random_key
@@ -236,3 +236,26 @@ def test_two_requests_with_one_key_at_once_make_one_submission(
     with container.db.tx() as cur:
         cur.execute("SELECT count(*) AS n FROM messages WHERE queue_id = %s", (q,))
         assert cur.fetchone()["n"] == 200
+
+
+def test_a_deferral_whose_delayed_copy_never_reaches_the_broker_is_relayed(
+    container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q = make_queue(container, fake.url)
+    b = submit(container, q, 1)
+    take_event(container, q, 1)  # the broker's copy, taken
+    ids = [r["id"] for r in container.store.batch_page(T, b["batch_id"], -1, 5, "id::text AS id")]
+    [m] = container.store.claim(ids, 60)
+
+    def refused(*args: object) -> None:
+        raise NotFound("The delay queue does not exist.")
+
+    monkeypatch.setattr(container.broker, "publish_delayed", refused)
+    with pytest.raises(NotFound):
+        dispatch.defer(container, m, 30, "no slot in time")
+    monkeypatch.undo()
+    assert to_relay(container, b["batch_id"]) == 1  # queued, with no copy anywhere: the relay's
+    due(container)
+    assert sweeper.sweep(container)["relayed"] == 1
+    run_queue(container, q)
+    assert counts(container, b["batch_id"]) == {"completed": 1}

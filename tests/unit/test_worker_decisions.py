@@ -25,6 +25,7 @@ from ai_rate_limiter.domain.models import Provider
 from ai_rate_limiter.errors import (
     DependencyUnavailable,
     LateForSlot,
+    NotFound,
     ProviderError,
     ProviderRejected,
     ProviderUnavailable,
@@ -174,8 +175,25 @@ def test_no_slot_before_the_deadline_defers_the_message(ports: FakePorts) -> Non
     next_slot_s = request_limit(p, headroom(ports)).increment_us / 1e6
     assert ports.broker.delayed == [(ports.names(T, Q), message_body(T, mid), next_slot_s)]
     m = ports.store.messages[mid]
-    assert (m.status, m.lease_until, m.tries) == ("queued", None, 0)
+    assert (m.status, m.lease_until, m.tries, m.unpublished) == ("queued", None, 0, False)
     assert ports.providers.calls == [] and len(ports.limiter.booked) == 1  # nothing reserved for it
+
+
+def test_a_deferral_whose_delayed_copy_is_refused_is_left_to_the_relay(ports: FakePorts) -> None:
+    """The delay queue refuses the message (deleted meanwhile, say): the row stays queued and
+    unpublished, so the relay publishes it, instead of being stranded with no broker copy."""
+    p = queue(ports, request_limit=1, time_window=30.0)
+    ports.limiter.reserve([provider_limits(p, headroom(ports))], 0)
+    mid = ports.store.add_message(Q)
+
+    def refused(*args: object) -> None:
+        raise NotFound("The delay queue does not exist.")
+
+    ports.broker.publish_delayed = refused  # type: ignore[method-assign,assignment]
+
+    assert run(ports, mid, deadline_s=20.0, call_budget_s=5.0) == "failed"  # the generic guard
+    m = ports.store.messages[mid]
+    assert (m.status, m.unpublished) == ("queued", True)
 
 
 def test_a_pause_longer_than_the_budget_defers_and_counts_the_try(ports: FakePorts) -> None:

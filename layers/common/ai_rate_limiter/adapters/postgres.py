@@ -32,6 +32,7 @@ PROVIDER_COLUMNS = (
 )
 
 
+RELAY_AFTER_S = 60.0  # as migration 0008's default: longer than an API function runs
 DELIVERY_KEY = ("endpoint_id", "id", "event")  # a delivery's row: its endpoint, batch and event
 ENDPOINT_COLUMNS = "id::text, url, description, enabled, disabled_reason, created_at, updated_at"
 
@@ -759,13 +760,16 @@ class Store:
             return cur.rowcount == 1
 
     def release(self, msg: ClaimedMessage, note: str | None = None) -> bool:
-        """Give the message back to the queue (deferred work), keeping its attempt count."""
+        """Give the message back to the queue (deferred work), keeping its attempt count. Its
+        copy on the broker is to come (`published` says when it has): until then it is the
+        relay's, as a new message is."""
         with self.db.tx() as cur:
             cur.execute(
                 """UPDATE messages SET status = 'queued', lease_until = NULL, updated_at = now(),
-                          last_error = coalesce(%s, last_error)
+                          last_error = coalesce(%s, last_error),
+                          relay_after = now() + make_interval(secs => %s)
                    WHERE id = %s AND attempt = %s AND status = 'processing'""",
-                (note, msg.id, msg.attempt),
+                (note, RELAY_AFTER_S, msg.id, msg.attempt),
             )
             return cur.rowcount == 1
 

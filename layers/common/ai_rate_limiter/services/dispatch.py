@@ -64,6 +64,9 @@ def publish_later(c: WorkerPorts, tenant: str, queue_id: str, message_id: str, d
 
 
 def defer(c: WorkerPorts, msg: ClaimedMessage, delay_s: float, note: str | None) -> None:
-    """Hand a claimed message back to the queue, to be delivered again after `delay_s`."""
+    """Hand a claimed message back to the queue, to be delivered again after `delay_s`. If its
+    delayed copy does not reach the broker, the relay publishes it (a message released and not
+    published is the relay's, as a new one is): a failed publish strands nothing."""
     if c.store.release(msg, note):
         publish_later(c, msg.tenant_id, msg.queue_id, msg.id, delay_s)
+        c.store.published([msg.id])
