@@ -112,7 +112,16 @@ class FakeProvider:
 
     def reset(self) -> None:
         httpx.post(f"{self.url}/_fake/reset", json={})
-        self.configure(latency_ms=5, jitter_ms=2, error_rate=0, limit=0, window=1)
+        self.configure(
+            latency_ms=5,
+            jitter_ms=2,
+            error_rate=0,
+            limit=0,
+            window=1,
+            latency_dist="uniform",
+            sigma=1.0,
+            max_latency_ms=60_000.0,
+        )
 
     def stats(self) -> dict[str, Any]:
         return httpx.get(f"{self.url}/_fake/stats").json()
