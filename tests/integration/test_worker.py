@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,7 @@ from ai_rate_limiter.adapters.postgres import stored_api_key
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.domain import decisions
 from ai_rate_limiter.errors import DependencyUnavailable, LimiterUnavailable
-from ai_rate_limiter.services import invocation, messages
+from ai_rate_limiter.services import invocation, messages, processing
 
 from local.functions import load
 from tests.conftest import FakeProvider
@@ -297,3 +298,47 @@ def test_the_process_keeps_one_set_of_threads_within_lambdas_quota(container: Co
     assert pool._max_workers == container.settings.worker_concurrency <= 1000  # 1,024 threads in all
     container.close()
     assert container.threads() is not pool  # a closed container starts new ones if used again
+
+
+def lease_left_s(c: Container, message_id: str) -> float:
+    with c.db.tx() as cur:
+        cur.execute(
+            "SELECT extract(epoch FROM lease_until - now()) AS s FROM messages WHERE id = %s", (message_id,)
+        )
+        left: float = cur.fetchone()["s"]
+        return left
+
+
+def test_a_message_is_leased_briefly_and_its_lease_extended_while_it_is_worked_on(
+    container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So that an invocation that dies leaves its messages to the next claim within a lease,
+    not when the whole of its time would have run out."""
+    monkeypatch.setattr(invocation, "LEASE_S", 1.0)
+    monkeypatch.setattr(invocation, "LEASE_RENEW_S", 0.2)
+    fake.configure(latency_ms=2500, jitter_ms=0)
+    q = make_queue(container, fake.url)
+    [mid] = submit(container, q, "slow")
+    event = take_event(container, q, 1)
+    done: list[dict[str, int]] = []
+    worker = threading.Thread(target=lambda: done.append(invocation.handle_event(container, event, 30)))
+    worker.start()
+    time.sleep(1.8)  # past the first lease: only its extensions keep the message this worker's
+    assert 0 < lease_left_s(container, mid) <= 1.0
+    assert container.store.claim([mid], lease_s=1.0) == []  # nobody else takes it
+    worker.join(10)
+    assert done == [{"completed": 1}]
+    assert fake.stats()["total"]["requests"] == 1
+
+
+def test_the_lease_of_a_claim_nobody_works_on_runs_out_within_lease_s(
+    container: Container, fake: FakeProvider
+) -> None:
+    q = make_queue(container, fake.url)
+    [mid] = submit(container, q, "orphan")
+    [first] = container.store.claim([mid], lease_s=processing.LEASE_S)  # its invocation dies here
+    assert 0 < lease_left_s(container, mid) <= processing.LEASE_S
+    with container.db.tx() as cur:  # LEASE_S later
+        cur.execute("UPDATE messages SET lease_until = now() - interval '1 ms' WHERE id = %s", (mid,))
+    [again] = container.store.claim([mid], lease_s=processing.LEASE_S)
+    assert again.attempt == first.attempt + 1

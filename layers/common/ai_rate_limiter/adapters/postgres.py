@@ -699,6 +699,15 @@ class Store:
             return None
         return replace(msg, attempt=row["attempt"], tries=row["tries"])
 
+    def extend_leases(self, ids: Sequence[str], lease_s: float) -> None:
+        """The invocation working on these messages is alive: their leases run `lease_s` on."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE messages SET lease_until = greatest(lease_until, now() + make_interval(secs => %s))
+                   WHERE id = ANY(%s::uuid[]) AND status = 'processing'""",
+                (lease_s, list(ids)),
+            )
+
     def complete(self, msg: ClaimedMessage, provider: Provider, result: ProviderResult) -> bool:
         """Store an answer; whether the message was still this attempt's. Answers stored at the
         same moment share one transaction (`GroupCommit`)."""

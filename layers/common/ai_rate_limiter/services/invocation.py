@@ -33,11 +33,15 @@ from ..domain.rmq_event import Delivery, parse_event
 from ..errors import NotFound
 from . import dispatch, monitoring
 from .intake import Intake
-from .processing import SAFETY_S, SHUTTING_DOWN, Deadline, process, quietly
+from .processing import LEASE_S, SAFETY_S, SHUTTING_DOWN, Deadline, process, quietly
 
 log = logging.getLogger(__name__)
 PUMP_S = 0.05  # the longest the reading thread leaves the broker connection and acks waiting
 MAX_TAKE = 50  # messages claimed in one query
+# A message is leased for LEASE_S, and the invocation working on it extends that every
+# LEASE_RENEW_S while it runs: one that dies (or loses Postgres) leaves its messages to the
+# next claim within LEASE_S, not when its whole time would have run out.
+LEASE_RENEW_S = 5.0
 
 
 def message_id(body: bytes) -> str | None:
@@ -89,13 +93,15 @@ class Invocation:
         self.batches: set[str] = set()  # touched since they were last looked at
         self.lock = threading.Lock()
         self.started = time.time()
+        self.held: set[str] = set()  # messages being worked on: their leases are extended
+        self.leases_at = time.monotonic()
 
     def take(self, ids: Sequence[str], tags: Mapping[str, int] | None = None) -> None:
         """Claim these messages and start each; those already done (a redelivery) are acked,
         and one another worker still leases comes back when that lease ends."""
         if not ids:
             return
-        claimed = self.c.store.claim(ids, lease_s=self.deadline.remaining() + 30)
+        claimed = self.c.store.claim(ids, lease_s=LEASE_S)
         for i, m in enumerate(claimed):  # started first: whatever fails below, a claimed message is under way
             try:
                 self.start(m, None if tags is None else tags[m.id])
@@ -137,6 +143,8 @@ class Invocation:
         key = (m.tenant_id, m.queue_id)
         providers = self.providers_of(*key)
         ticket = self.intake.ticket()
+        with self.lock:
+            self.held.add(m.id)
 
         def run() -> None:
             completed = False
@@ -154,6 +162,8 @@ class Invocation:
                     self.errors.append(exc)
             finally:
                 ticket.done(completed)
+                with self.lock:
+                    self.held.discard(m.id)
 
         self.futures.append(self.c.threads().submit(run))
 
@@ -237,9 +247,20 @@ class Invocation:
             except queue.Empty:
                 break
         reader.pump()
+        self.extend_leases()
         self.finish_batches()  # one cheap query per batch with news: none pending stops at once
         if final or monitor.due():
             monitor.send(self.intake, final=final)
+
+    def extend_leases(self) -> None:
+        now = time.monotonic()
+        if now - self.leases_at < LEASE_RENEW_S:
+            return
+        self.leases_at = now
+        with self.lock:
+            held = list(self.held)
+        if held:  # missed once (Postgres blipping), they still have the rest of LEASE_S
+            quietly(self.c.store.extend_leases, held, LEASE_S)
 
     def finish_batches(self) -> None:
         with self.lock:
@@ -248,7 +269,9 @@ class Invocation:
             self.c.store.finish_batch_if_done(batch_id)
 
     def drain(self) -> None:
-        wait(self.futures)
+        while any(not f.done() for f in self.futures):
+            wait(self.futures, timeout=LEASE_RENEW_S)
+            self.extend_leases()
         self.finish_batches()
 
     def result(self) -> dict[str, int]:

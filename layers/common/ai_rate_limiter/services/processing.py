@@ -34,6 +34,7 @@ SAFETY_S = 1.0  # never plan work into the last second of an invocation
 MAX_LATE_WAKEUPS = 5
 RETIME_WAIT_S = 1.0  # a request late at its departure waits this long at most for a fresh slot
 LIMITER_RETRY_S = 5.0  # how long a message waits when Redis is unreachable
+LEASE_S = 20.0  # a message's lease, which its invocation extends while it works on it
 KEEP_ANSWER_S = 30.0  # how long a paid answer is tried to be stored while Postgres blips
 
 
@@ -156,7 +157,7 @@ def attempt_until_done(
                 return "failed"
             # The try is counted (unless it was a 429) before anything else, so that a message
             # handed back for a pause it cannot wait here still runs out of tries.
-            renewed = c.store.renew(m, deadline.remaining() + 30, decision.counted, decision.error)
+            renewed = c.store.renew(m, LEASE_S, decision.counted, decision.error)
             if renewed is None:
                 return "lost"
             m = renewed
