@@ -215,7 +215,7 @@ def test_a_publish_that_fails_after_the_commit_answers_202_and_the_relay_finishe
     r = api.call("post", "/message/create", {"queue_id": q, "messages": [{"prompt": "a"}]})
     assert r.status_code == 202, r.body
     with container.db.tx() as cur:
-        cur.execute("UPDATE messages SET relay_after = now() WHERE batch_id = %s", (r.json["batch_id"],))
+        cur.execute("UPDATE batches SET relay_after = now() WHERE id = %s", (r.json["batch_id"],))
     assert sweeper.sweep(container)["relayed"] == 1
     assert container.broker.ready(container.names("default", q).main) == 1
 

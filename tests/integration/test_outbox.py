@@ -24,21 +24,27 @@ from .conftest import JSON, Api, app_on, assert_problem, count_rows, make_queue,
 T = "default"
 
 
-def to_relay(c: Container, batch_id: str) -> int:
+def to_relay(c: Container, batch_id: str) -> tuple[bool, int]:
+    """Whether the batch is still to be relayed as a whole, and how many of its messages are,
+    each on its own (handed back by a deferral)."""
     with c.db.tx() as cur:
         cur.execute(
-            "SELECT count(*) AS n FROM messages WHERE batch_id = %s AND relay_after IS NOT NULL", (batch_id,)
+            """SELECT (SELECT relay_after IS NOT NULL FROM batches WHERE id = %(b)s) AS whole,
+                      (SELECT count(*) FROM messages
+                       WHERE batch_id = %(b)s AND relay_after IS NOT NULL) AS n""",
+            {"b": batch_id},
         )
-        n: int = cur.fetchone()["n"]
-        return n
+        row = cur.fetchone()
+        return bool(row["whole"]), int(row["n"])
 
 
 def due(c: Container) -> None:
     """As if the relay's wait (longer than an API function runs) had passed."""
     with c.db.tx() as cur:
-        cur.execute(
-            "UPDATE messages SET relay_after = now() - interval '1 second' WHERE relay_after IS NOT NULL"
-        )
+        for table in ("messages", "batches"):
+            cur.execute(
+                f"UPDATE {table} SET relay_after = now() - interval '1 second' WHERE relay_after IS NOT NULL"
+            )
 
 
 def failing_publish(c: Container, monkeypatch: pytest.MonkeyPatch, fails: Callable[[str], bool]) -> None:
@@ -73,12 +79,12 @@ def test_a_submission_whose_publish_fails_after_the_commit_stands_and_is_relayed
     q = make_queue(container, fake.url)
     failing_publish(container, monkeypatch, lambda queue: True)
     b = submit(container, q, 3)  # no error: the rows are committed
-    assert b["status"] == "queued" and to_relay(container, b["batch_id"]) == 3
+    assert b["status"] == "queued" and to_relay(container, b["batch_id"]) == (True, 0)
     assert container.broker.ready(container.names(T, q).main) == 0
     assert sweeper.sweep(container)["relayed"] == 0  # not yet: the API's own publish may still run
     due(container)
     assert sweeper.sweep(container)["relayed"] == 3
-    assert to_relay(container, b["batch_id"]) == 0 and sweeper.sweep(container)["relayed"] == 0
+    assert to_relay(container, b["batch_id"]) == (False, 0) and sweeper.sweep(container)["relayed"] == 0
     run_queue(container, q)
     assert counts(container, b["batch_id"]) == {"completed": 3}
     assert fake.stats()["total"]["requests"] == 3
@@ -105,7 +111,7 @@ def test_a_publish_cut_short_is_finished_and_each_prompt_is_answered_once(
     container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two shards: the first is published and confirmed, the second is refused. The relay
-    publishes only what was not confirmed."""
+    publishes the batch's queued messages again, the first shard's too: each is claimed once."""
     q = "q-outbox-shards"
     spec = {
         "provider_name": "fake",
@@ -119,9 +125,9 @@ def test_a_publish_cut_short_is_finished_and_each_prompt_is_answered_once(
     second = container.names(T, q).shard(1)
     failing_publish(container, monkeypatch, lambda queue: queue == second)
     b = submit(container, q, 6)
-    assert to_relay(container, b["batch_id"]) == 3  # the second shard's
+    assert to_relay(container, b["batch_id"]) == (True, 0)
     due(container)
-    assert sweeper.sweep(container)["relayed"] == 3
+    assert sweeper.sweep(container)["relayed"] == 6
     run_queue(container, q)  # the invocation goes on to the queue's other shard
     assert counts(container, b["batch_id"]) == {"completed": 6}
     assert fake.stats()["total"]["requests"] == 6
@@ -254,8 +260,27 @@ def test_a_deferral_whose_delayed_copy_never_reaches_the_broker_is_relayed(
     with pytest.raises(NotFound):
         dispatch.defer(container, m, 30, "no slot in time")
     monkeypatch.undo()
-    assert to_relay(container, b["batch_id"]) == 1  # queued, with no copy anywhere: the relay's
+    assert to_relay(container, b["batch_id"]) == (False, 1)  # queued, with no copy anywhere: the relay's
     due(container)
     assert sweeper.sweep(container)["relayed"] == 1
     run_queue(container, q)
     assert counts(container, b["batch_id"]) == {"completed": 1}
+
+
+def test_a_message_published_but_not_marked_is_answered_once_and_left_alone_by_the_relay(
+    container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    q = make_queue(container, fake.url)
+
+    def mark_lost(ids: object) -> None:
+        raise DependencyUnavailable("postgres: connection reset")
+
+    monkeypatch.setattr(container.store, "batch_published", mark_lost)
+    b = submit(container, q, 2)  # on the broker, but not marked so
+    monkeypatch.undo()
+    run_queue(container, q)
+    assert counts(container, b["batch_id"]) == {"completed": 2}
+    due(container)
+    assert sweeper.sweep(container)["relayed"] == 0  # answered: nothing to relay
+    assert to_relay(container, b["batch_id"]) == (False, 0)
+    assert fake.stats()["total"]["requests"] == 2

@@ -9,6 +9,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -49,21 +50,38 @@ class KeyTaken(Exception):
     """An idempotency key another submission has already committed."""
 
 
+STATEMENT_TIMEOUT_S = 30.0  # no statement runs longer (a 100,000-row COPY takes a few seconds)
+PRE_PING_AFTER_S = 10.0  # a connection idle this long is tried before it is used
+
+
 class Database:
     """A blocking pool of at most `maxconn` connections, opened as needed and kept open (so a
     busy worker does not pay a new Postgres backend per transaction); `tx()` is one
-    transaction. A connection that broke is dropped, and the error says Postgres is down."""
+    transaction. A connection that broke is dropped, and the error says Postgres is down.
 
-    def __init__(self, url: str, maxconn: int = 16) -> None:
+    Every call has a deadline: 5 s to connect, `statement_timeout_s` per statement, and TCP
+    keepalives that find a dead server within about a minute. A connection that has sat idle
+    (across a Postgres restart, or a Lambda environment frozen between invocations) is tried
+    with a `SELECT 1` before it is handed out, and replaced if it has gone."""
+
+    def __init__(self, url: str, maxconn: int = 16, statement_timeout_s: float = STATEMENT_TIMEOUT_S) -> None:
         self.url = url
         self.maxconn = maxconn
-        self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
+        self.statement_timeout_ms = round(statement_timeout_s * 1000)
+        self._idle: queue.LifoQueue[tuple[Any, float]] = queue.LifoQueue()  # (connection, idle since)
         self._slots = threading.BoundedSemaphore(maxconn)
 
     def _connect(self) -> Any:
         try:
             return psycopg2.connect(
-                self.url, connect_timeout=5, cursor_factory=psycopg2.extras.RealDictCursor
+                self.url,
+                connect_timeout=5,
+                cursor_factory=psycopg2.extras.RealDictCursor,
+                options=f"-c statement_timeout={self.statement_timeout_ms}",
+                keepalives=1,
+                keepalives_idle=30,
+                keepalives_interval=10,
+                keepalives_count=3,
             )
         except psycopg2.OperationalError as exc:
             raise DependencyUnavailable(f"postgres unreachable: {exc}".strip()) from exc
@@ -72,10 +90,13 @@ class Database:
         if not self._slots.acquire(timeout=30):
             raise DependencyUnavailable("postgres: no connection free for 30 s")
         try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            pass
-        try:
+            while True:
+                try:
+                    conn, since = self._idle.get_nowait()
+                except queue.Empty:
+                    break
+                if time.monotonic() - since < PRE_PING_AFTER_S or _alive(conn):
+                    return conn
             return self._connect()
         except BaseException:
             self._slots.release()
@@ -86,7 +107,7 @@ class Database:
             with contextlib.suppress(psycopg2.Error):
                 conn.close()
         else:
-            self._idle.put(conn)
+            self._idle.put((conn, time.monotonic()))
         self._slots.release()
 
     @contextmanager
@@ -114,11 +135,24 @@ class Database:
     def close(self) -> None:
         while True:
             try:
-                conn = self._idle.get_nowait()
+                conn, _ = self._idle.get_nowait()
             except queue.Empty:
                 return
             with contextlib.suppress(psycopg2.Error):
                 conn.close()
+
+
+def _alive(conn: Any) -> bool:
+    """Whether a pooled connection still answers; one that does not is closed."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        conn.rollback()
+        return True
+    except psycopg2.Error:
+        with contextlib.suppress(psycopg2.Error):
+            conn.close()
+        return False
 
 
 def copy_rows(tenant: str, rows: Sequence[Row]) -> io.StringIO:
@@ -573,6 +607,12 @@ class Store:
                    FROM STDIN WITH (FORMAT csv)""",
                 copy_rows(tenant, rows),
             )
+            if batch is None:  # a batch's messages are relayed with their batch (its relay_after)
+                cur.execute(
+                    """UPDATE messages SET relay_after = now() + make_interval(secs => %s)
+                       WHERE id = ANY(%s::uuid[])""",
+                    (RELAY_AFTER_S, [r["id"] for r in rows]),
+                )
 
     def idempotent_answer(self, tenant: str, key: str, ttl_s: float) -> Row | None:
         """The first answer to `key` (`body_hash`, sealed `answer`), unless it has expired."""
@@ -601,9 +641,37 @@ class Store:
                 (list(ids),),
             )
 
-    def to_relay(self, limit: int) -> list[Row]:
-        """Queued messages committed and not confirmed by the broker in time, oldest first."""
+    def batch_published(self, batch_id: str) -> None:
+        """Every shard of the batch's first publish is confirmed: nothing left to relay."""
         with self.db.tx() as cur:
+            cur.execute(
+                "UPDATE batches SET relay_after = NULL WHERE id = %s AND relay_after IS NOT NULL", (batch_id,)
+            )
+
+    def batches_to_relay(self, limit: int) -> list[Row]:
+        """Batches whose first publish was not confirmed in time, each with its queued messages."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """SELECT tenant_id, queue_id, id::text FROM batches WHERE relay_after < now()
+                   ORDER BY relay_after LIMIT %s""",
+                (limit,),
+            )
+            batches = [dict(r) for r in cur.fetchall()]
+            for b in batches:
+                cur.execute(
+                    "SELECT id::text FROM messages WHERE batch_id = %s AND status = 'queued' ORDER BY seq",
+                    (b["id"],),
+                )
+                b["messages"] = [r["id"] for r in cur.fetchall()]
+            return batches
+
+    def to_relay(self, limit: int) -> list[Row]:
+        """Queued messages committed and not confirmed by the broker in time, oldest first.
+        Those no longer queued (a copy did reach a worker; cancelled) have nothing to relay."""
+        with self.db.tx() as cur:
+            cur.execute(
+                "UPDATE messages SET relay_after = NULL WHERE relay_after < now() AND status <> 'queued'"
+            )
             cur.execute(
                 """SELECT tenant_id, queue_id, id::text FROM messages
                    WHERE relay_after < now() AND status = 'queued'

@@ -23,16 +23,27 @@ def message_bodies(tenant: str, ids: Sequence[str]) -> list[bytes]:
     return [f"{head}{mid}{tail}".encode() for mid in ids]
 
 
-def publish(c: Container, tenant: str, queue_id: str, ids: Sequence[str], workers: int = 1) -> None:
+def publish(
+    c: Container,
+    tenant: str,
+    queue_id: str,
+    ids: Sequence[str],
+    workers: int = 1,
+    batch_id: str | None = None,
+) -> None:
     """Committed messages to the broker, spread over the queue's `workers` shards in turn, so
     each worker's event source mapping has work to start on and input order is kept within
-    each shard. Each shard's messages are marked published once the broker has confirmed
-    them; until then the sweeper would relay them (`relay`)."""
+    each shard. They are marked published once the broker has confirmed them (a batch's as
+    one, once every shard is; others shard by shard); until then the sweeper would relay them
+    (`relay`)."""
     names = c.names(tenant, queue_id)
     for i in range(min(workers, len(ids))):
         shard = ids[i::workers]
         c.broker.publish(names.shard(i), message_bodies(tenant, shard))
-        c.store.published(shard)
+        if batch_id is None:
+            c.store.published(shard)
+    if batch_id is not None:
+        c.store.batch_published(batch_id)
 
 
 def relay(c: Container, limit: int = 10_000) -> int:
@@ -40,21 +51,24 @@ def relay(c: Container, limit: int = 10_000) -> int:
     or whose publish failed after the commit. A message may so reach the broker twice (its
     first publish was confirmed, the mark was not); the worker claims it once. A broker queue
     that has gone is declared again. How many were published."""
-    rows = c.store.to_relay(limit)
+    work: list[tuple[str, str, list[str], str | None]] = [
+        (b["tenant_id"], b["queue_id"], b["messages"], b["id"]) for b in c.store.batches_to_relay(100)
+    ]
     groups: dict[tuple[str, str], list[str]] = {}
-    for r in rows:
+    for r in c.store.to_relay(limit):
         groups.setdefault((r["tenant_id"], r["queue_id"]), []).append(r["id"])
+    work += [(tenant, queue_id, ids, None) for (tenant, queue_id), ids in groups.items()]
     done = 0
-    for (tenant, queue_id), ids in groups.items():
+    for tenant, queue_id, ids, batch_id in work:
         queue = c.store.queue_workers(tenant, queue_id)
         if not queue:
             continue  # deleted meanwhile: its messages went with it
         workers = queue[0]["workers"]
         try:
-            publish(c, tenant, queue_id, ids, workers)
+            publish(c, tenant, queue_id, ids, workers, batch_id)
         except NotFound:
             c.broker.declare(c.names(tenant, queue_id), workers)
-            publish(c, tenant, queue_id, ids, workers)
+            publish(c, tenant, queue_id, ids, workers, batch_id)
         done += len(ids)
     return done
 

@@ -197,7 +197,8 @@ def _store_and_publish(c: Container, tenant: str, made: Submission, key: Row | N
         raise NotFound(f"No queue {made.queue_id}.")
     c.store.insert_messages(tenant, made.batch, made.rows, key)
     try:
-        dispatch.publish(c, tenant, made.queue_id, [r["id"] for r in made.rows], queue[0]["workers"])
+        ids, batch_id = [r["id"] for r in made.rows], made.batch["id"] if made.batch else None
+        dispatch.publish(c, tenant, made.queue_id, ids, queue[0]["workers"], batch_id)
     except AppError as exc:
         log.warning(
             "%d message(s) for %s committed; the relay publishes them: %s",
