@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from ai_rate_limiter.adapters.webhooks import new_secret, verify
 from ai_rate_limiter.bootstrap import Container
-from ai_rate_limiter.services import batches, invocation, messages, sweeper
+from ai_rate_limiter.services import batches, endpoints, invocation, messages, sweeper
 from chalice.test import Client
 
 from tests.conftest import FakeProvider, Receiver
@@ -65,6 +65,37 @@ def test_the_sweeper_finishes_batches_the_worker_did_not(container: Container, f
     assert batches.progress(container, "default", str(b["batch_id"]))["finished_at"] is None
     assert sweeper.sweep(container)["batches_finished"] == 1
     assert batches.progress(container, "default", str(b["batch_id"]))["finished_at"] is not None
+
+
+def test_one_sweep_finishes_every_batch_that_is_done_however_many_are_still_running(
+    container: Container, fake: FakeProvider, hooks: Callable[..., Hook]
+) -> None:
+    """Older batches still running never hold back newer ones that are done; each finished one
+    gets its deliveries to the tenant's endpoints."""
+    hook = hooks(204)
+    endpoints.create(container, "default", {"url": hook.url})
+    q = make_queue(container, fake.url)
+    with container.db.tx() as cur:  # 600 older batches, each with a message still queued
+        cur.execute(
+            """WITH b AS (
+                   INSERT INTO batches (id, queue_id, total, created_at)
+                   SELECT gen_random_uuid(), %(q)s, 1, now() - interval '1 hour' FROM generate_series(1, 600)
+                   RETURNING id)
+               INSERT INTO messages (id, queue_id, batch_id, request, relay_after)
+               SELECT gen_random_uuid(), %(q)s, b.id, '{"messages": []}', NULL FROM b""",
+            {"q": q},
+        )
+    done = [
+        messages.submit(container, "default", {"queue_id": q, "messages": [{"prompt": f"d{i}"}]})["batch_id"]
+        for i in range(3)
+    ]
+    with container.db.tx() as cur:  # as if their workers died after the results
+        cur.execute("UPDATE messages SET status = 'completed' WHERE batch_id = ANY(%s::uuid[])", (done,))
+    assert sweeper.sweep(container)["batches_finished"] == 3
+    assert sweeper.sweep(container)["batches_finished"] == 0
+    with container.db.tx() as cur:
+        cur.execute("SELECT count(*) AS n FROM webhook_deliveries WHERE batch_id = ANY(%s::uuid[])", (done,))
+        assert cur.fetchone()["n"] == 3
 
 
 def test_every_delivery_is_signed_with_the_batchs_secret_and_a_retry_keeps_its_id(

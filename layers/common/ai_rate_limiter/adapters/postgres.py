@@ -880,37 +880,32 @@ class Store:
 
     def finish_batch_if_done(self, batch_id: str) -> bool:
         """Mark the batch finished once no message is pending. Run after the result commits."""
-        with self.db.tx() as cur:
-            cur.execute(
-                """UPDATE batches SET finished_at = now(),
-                          webhook_status = CASE WHEN webhook_url IS NULL THEN NULL
-                                                ELSE 'pending' END,
-                          webhook_next_at = now()
-                   WHERE id = %s AND finished_at IS NULL AND NOT EXISTS (
-                       SELECT 1 FROM messages WHERE batch_id = %s
-                       AND status IN ('queued', 'processing'))
-                   RETURNING tenant_id""",
-                (batch_id, batch_id),
-            )
-            row = cur.fetchone()
-            if row is None:
-                return False
-            cur.execute(  # in the same transaction: a finished batch never misses an endpoint
-                """INSERT INTO webhook_deliveries (endpoint_id, batch_id, event)
-                   SELECT id, %s, 'batch.completed' FROM webhook_endpoints
-                   WHERE tenant_id = %s AND enabled""",
-                (batch_id, row["tenant_id"]),
-            )
-            return True
+        return self.finish_batches(batch_id) == 1
 
-    def unfinished_batches(self, limit: int = 500) -> list[str]:
+    def finish_batches(self, batch_id: str | None = None) -> int:
+        """Mark finished every unfinished batch (or only `batch_id`) with no message pending,
+        in one statement (none waits behind older ones), and make their deliveries to their
+        tenants' endpoints in the same transaction: a finished batch never misses one. How
+        many were finished."""
         with self.db.tx() as cur:
             cur.execute(
-                """SELECT id::text FROM batches WHERE finished_at IS NULL
-                   ORDER BY created_at LIMIT %s""",
-                (limit,),
+                """WITH done AS (
+                       UPDATE batches b SET finished_at = now(),
+                              webhook_status = CASE WHEN webhook_url IS NULL THEN NULL
+                                                    ELSE 'pending' END,
+                              webhook_next_at = now()
+                       WHERE b.finished_at IS NULL AND (%(batch)s::uuid IS NULL OR b.id = %(batch)s::uuid)
+                         AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.batch_id = b.id
+                                         AND m.status IN ('queued', 'processing'))
+                       RETURNING b.id, b.tenant_id),
+                   deliveries AS (
+                       INSERT INTO webhook_deliveries (endpoint_id, batch_id, event)
+                       SELECT e.id, done.id, 'batch.completed'
+                       FROM done JOIN webhook_endpoints e ON e.tenant_id = done.tenant_id AND e.enabled)
+                   SELECT count(*) AS n FROM done""",
+                {"batch": batch_id},
             )
-            return [r["id"] for r in cur.fetchall()]
+            return int(cur.fetchone()["n"])
 
     # -- webhooks ---------------------------------------------------------------------------
 

@@ -166,7 +166,7 @@ def deliver_webhooks(c: Container, limit: int = 20) -> dict[str, int]:
 def sweep(c: Container) -> dict[str, int]:
     relayed = dispatch.relay(c)
     c.store.forget_idempotency_keys(c.settings.idempotency_ttl_s)
-    finished = sum(c.store.finish_batch_if_done(b) for b in c.store.unfinished_batches())
+    finished = c.store.finish_batches()
     moved = shards.fold_retired(c)
     return {
         "relayed": relayed,
