@@ -102,7 +102,7 @@ def api(container: Container, monkeypatch: pytest.MonkeyPatch) -> Iterator[Api]:
         yield Api(client, container.settings.admin_api_key)
 
 
-def make_queue(c: Container, fake_url: str, *providers: dict[str, Any]) -> str:
+def make_queue(c: Container, fake_url: str, *providers: dict[str, Any], workers: int = 1) -> str:
     """A queue on the fake provider; each provider dict overrides the defaults."""
     queue_id = f"q-{uuid.uuid4().hex[:10]}"
     specs = []
@@ -117,7 +117,9 @@ def make_queue(c: Container, fake_url: str, *providers: dict[str, Any]) -> str:
         }
         spec.update(extra)
         specs.append(spec)
-    queues.create(c, c.settings.default_tenant, {"queue_id": queue_id, "providers": specs})
+    queues.create(
+        c, c.settings.default_tenant, {"queue_id": queue_id, "providers": specs, "workers": workers}
+    )
     return queue_id
 
 

@@ -14,10 +14,10 @@ import pytest
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.domain.schemas import MessageFields, parse
 from ai_rate_limiter.errors import DependencyUnavailable, NotFound
-from ai_rate_limiter.services import dispatch, invocation, messages, queues, sweeper
+from ai_rate_limiter.services import dispatch, invocation, messages, sweeper
 from chalice.test import Client
 
-from tests.conftest import CLOSED_PORT, FakeProvider, random_key
+from tests.conftest import CLOSED_PORT, FakeProvider
 
 from .conftest import JSON, Api, app_on, assert_problem, count_rows, make_queue, take_event
 
@@ -112,16 +112,7 @@ def test_a_publish_cut_short_is_finished_and_each_prompt_is_answered_once(
 ) -> None:
     """Two shards: the first is published and confirmed, the second is refused. The relay
     publishes the batch's queued messages again, the first shard's too: each is claimed once."""
-    q = "q-outbox-shards"
-    spec = {
-        "provider_name": "fake",
-        "provider_type": "openai",
-        "api_key": random_key(),
-        "limit": 1000,
-        "time_window": 1,
-        "config": {"endpoint": fake.url},
-    }
-    queues.create(container, T, {"queue_id": q, "providers": [spec], "workers": 2})
+    q = make_queue(container, fake.url, workers=2)
     second = container.names(T, q).shard(1)
     failing_publish(container, monkeypatch, lambda queue: queue == second)
     b = submit(container, q, 6)
