@@ -3,7 +3,8 @@
     python -m local.up
 
 Checks the services first, creates the database if missing and applies migrations.
-Ctrl-C or SIGTERM stops everything it started.
+A component that exits is started again (`Component`). Ctrl-C or SIGTERM stops everything
+it started.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -72,6 +74,42 @@ def admin_key() -> str:
         return "ADMIN_API_KEY"
     os.environ["ADMIN_API_KEY"], made = kept(ADMIN_KEY_FILE, new_key)
     return f"{ADMIN_KEY_FILE.relative_to(ROOT)}{' (made now)' if made else ''}"
+
+
+STABLE_S = 60.0  # a component up this long that exits is restarted at once, not after a backoff
+
+
+@dataclass
+class Component:
+    """A process `make up` runs and restarts when it exits, as the cloud would start a fresh
+    function: the first restart at once, then after 1, 2, 4 ... 30 s while it keeps exiting
+    within STABLE_S of starting."""
+
+    name: str
+    args: tuple[str, ...]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    quick_exits: int = 0
+    due: float = 0.0  # when it is started again
+
+    def start(self) -> None:
+        self.proc, self.started = spawn(*self.args), time.monotonic()
+
+    def check(self, now: float) -> None:
+        """Restart it if it exited and its backoff is over."""
+        if self.proc is not None and self.proc.poll() is not None:
+            up_s = now - self.started
+            self.quick_exits = 0 if up_s >= STABLE_S else self.quick_exits + 1
+            delay = 0.0 if self.quick_exits <= 1 else min(2.0 ** (self.quick_exits - 2), 30.0)
+            print(
+                f"{self.name} exited ({self.proc.returncode}) after {up_s:.0f}s; restarting it"
+                + (f" in {delay:.0f}s" if delay else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+            self.proc, self.due = None, now + delay
+        if self.proc is None and now >= self.due:
+            self.start()
 
 
 def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> bool:
@@ -147,19 +185,22 @@ def main() -> int:
     if not os.environ.get("EGRESS_ALLOW"):
         os.environ["EGRESS_ALLOW"] = f"{s.api_host}:{s.fake_provider_port}"
     print(f"egress allowed past the guard: {os.environ['EGRESS_ALLOW']} (EGRESS_ALLOW)", flush=True)
-    procs = [
-        spawn(
-            "local.fake_provider",
-            "--host",
-            s.api_host,
-            "--port",
-            str(s.fake_provider_port),
-            "--latency-ms",
-            str(args.fake_latency_ms),
-        ),
-        spawn("local.api_server"),
+    fake_args = (
+        "--host",
+        s.api_host,
+        "--port",
+        str(s.fake_provider_port),
+        "--latency-ms",
+        args.fake_latency_ms,
+    )
+    components = [
+        Component("fake provider", ("local.fake_provider", *fake_args)),
+        Component("api", ("local.api_server",)),
+        Component("bridge", ("local.bridge",)),  # the worker's event source mappings and the sweeper
     ]
-    procs.append(spawn("local.bridge"))
+    for component in components:
+        component.start()
+    procs = [p for component in components if (p := component.proc) is not None]
     stopping = False
 
     def on_signal(*_: object) -> None:
@@ -174,13 +215,12 @@ def main() -> int:
             return 1
         print(banner(s, fake, admin_from), flush=True)
         while not stopping:
-            if any(p.poll() is not None for p in procs):
-                print("a component exited; stopping everything", file=sys.stderr)
-                return 1
+            for component in components:
+                component.check(time.monotonic())
             time.sleep(0.2)
         return 0
     finally:
-        stop(procs)
+        stop([p for component in components if (p := component.proc) is not None])
 
 
 if __name__ == "__main__":
