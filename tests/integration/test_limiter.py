@@ -152,6 +152,33 @@ def test_a_call_whose_answer_was_lost_is_not_sent_again(
     assert abs(lim.reserve([[one]], 10).wait_s - 0.2) < 0.05
 
 
+def test_a_settlement_whose_answer_was_lost_is_applied_once(
+    container: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settlement rides on a reservation whose answer times out after the script ran: sent
+    again with the next call, under the same id, it moves the schedule once, not twice."""
+    lim, tokens = container.limiter, limit(1)
+    lim.reserve([[tokens]], 1)
+    before = int(lim.client.get(tokens.key))
+    with lim._connection() as conn:
+        pass
+    real_read = conn.read_response
+
+    def read_then_time_out(*args: object, **kwargs: object) -> object:
+        monkeypatch.undo()
+        real_read(*args, **kwargs)  # the script ran and settled ...
+        conn.disconnect()
+        raise redis.TimeoutError("Timeout reading from socket")  # ... its answer never came
+
+    monkeypatch.setattr(conn, "read_response", read_then_time_out)
+    lim.settle({tokens.key: 500_000})  # used more than estimated: half a second more
+    assert int(lim.client.get(tokens.key)) == before + 500_000
+    lim.settle({})  # nothing new ...
+    lim.reserve([], 0)  # ... and the unsure one goes again
+    assert int(lim.client.get(tokens.key)) == before + 500_000
+    assert lim._unsure == [] and lim._pending == {}
+
+
 def test_many_more_threads_than_connections_reserve_at_once(container: Container) -> None:
     lim, one = container.limiter, limit(0.001)
     threads = 150  # far more than CALL_CONNECTIONS

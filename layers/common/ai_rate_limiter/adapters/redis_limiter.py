@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any, cast
 
@@ -28,6 +29,13 @@ def script(name: str) -> str:
     return files("ai_rate_limiter").joinpath(f"resources/{name}").read_text()
 
 
+@dataclass(frozen=True)
+class Settlement:
+    key: str
+    delta_us: int
+    id: str
+
+
 class RedisLimiter:
     def __init__(self, url: str) -> None:
         pool = redis.BlockingConnectionPool.from_url(
@@ -47,7 +55,8 @@ class RedisLimiter:
         self._push = self.client.register_script(script("push.lua"))
         self._refund = self.client.register_script(script("refund.lua"))
         self._concurrency = self.client.register_script(script("concurrency.lua"))
-        self._pending: dict[str, int] = {}
+        self._pending: dict[str, int] = {}  # adjustments not sent yet, by key
+        self._unsure: list[Settlement] = []  # sent, and maybe applied: sent again as they are
         self._lock = threading.Lock()
         self._clock = ClockOffset()
         self._idle: list[AbstractConnection] = []
@@ -83,13 +92,17 @@ class RedisLimiter:
         """Commit the slot of the candidate that serves soonest by capacity (and `weights`, 1 by
         default) if it starts within `max_wait_s`.
 
-        Adjustments that could not be sent earlier (`settle`) travel with this call."""
-        adjustments: dict[str, int] = {}
-        if self._pending:
+        Adjustments that could not be sent earlier (`settle`) travel with this call, each under
+        its settlement id, which the script applies once: one whose answer was lost (a read
+        timeout: it may have run) is sent again with the same id."""
+        adjustments: list[Settlement] = []
+        if self._pending or self._unsure:
             with self._lock:
-                adjustments, self._pending = self._pending, {}
-        keys: list[str] = list(adjustments)
-        args: list[int] = [int(max_wait_s * 1_000_000), len(adjustments), *adjustments.values()]
+                fresh, self._pending = self._pending, {}
+                adjustments, self._unsure = self._unsure, []
+            adjustments += [Settlement(key, delta, uuid.uuid4().hex) for key, delta in fresh.items()]
+        keys: list[str] = [a.key for a in adjustments] + [f"{a.key}:settled:{a.id}" for a in adjustments]
+        args: list[int] = [int(max_wait_s * 1_000_000), len(adjustments), *(a.delta_us for a in adjustments)]
         args.append(len(candidates))
         for i, limits in enumerate(candidates):
             args += [round(1000 * (weights[i] if i < len(weights) else 1.0)), len(limits)]
@@ -100,7 +113,9 @@ class RedisLimiter:
         try:
             index, wait_us, reserved, slot_us = self._eval(self._reserve, keys, args)
         except redis.RedisError as exc:
-            self._defer(adjustments)
+            if adjustments:
+                with self._lock:
+                    self._unsure += adjustments
             raise LimiterUnavailable(f"redis: {exc}") from exc
         answered = time.monotonic()
         slot_us, wait_us = int(slot_us), int(wait_us)

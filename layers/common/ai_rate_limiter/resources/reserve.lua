@@ -1,9 +1,12 @@
 -- GCRA reservation over one or more candidate providers, each with one or more limits.
 --
--- KEYS: first the keys of the pending adjustments, then the limit keys of every candidate.
+-- KEYS: first the keys of the pending adjustments, then one settlement key per adjustment,
+-- then the limit keys of every candidate.
 -- ARGV[1]: max_wait_us  - reserve only if the slot starts within this many microseconds
 -- ARGV[2]: n_adjustments, then one delta_us per adjustment key: settles earlier reservations
---          (a token estimate against the provider's reported usage); applied first
+--          (a token estimate against the provider's reported usage); applied first, each once:
+--          its settlement key is set when it is applied, and one already set is skipped (a
+--          call whose answer was lost is sent again with the same settlement keys)
 -- then: n_candidates, and per candidate: weight_milli, n_limits, and per limit: increment_us,
 -- tolerance_us
 --   weight_milli: the candidate's weight times 1000 (1000 = 1)
@@ -20,6 +23,7 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local max_wait = tonumber(ARGV[1])
+local SETTLED_TTL_MS = 3600000  -- how long an applied settlement is remembered
 
 local function store(key, tat)
   -- integral microseconds below 2^53: Lua writes them as plain digits
@@ -28,11 +32,13 @@ end
 
 local n_adjust = tonumber(ARGV[2])
 for i = 1, n_adjust do
-  local tat = tonumber(redis.call('GET', KEYS[i]) or 'nil')
-  if tat then
-    local adjusted = tat + tonumber(ARGV[2 + i])
-    if adjusted < now then adjusted = now end
-    store(KEYS[i], adjusted)
+  if redis.call('SET', KEYS[n_adjust + i], 1, 'NX', 'PX', SETTLED_TTL_MS) then
+    local tat = tonumber(redis.call('GET', KEYS[i]) or 'nil')
+    if tat then
+      local adjusted = tat + tonumber(ARGV[2 + i])
+      if adjusted < now then adjusted = now end
+      store(KEYS[i], adjusted)
+    end
   end
 end
 
@@ -40,7 +46,7 @@ local n_candidates = tonumber(ARGV[3 + n_adjust])
 if n_candidates == 0 then
   return {0, 0, 0, now}  -- only settling
 end
-local a, k = 4 + n_adjust, 1 + n_adjust
+local a, k = 4 + n_adjust, 1 + 2 * n_adjust
 local best, best_score, best_start, best_a, best_k, best_n
 for c = 1, n_candidates do
   local weight = tonumber(ARGV[a]) / 1000
