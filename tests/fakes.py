@@ -258,6 +258,7 @@ class StoredMessage:
     provider_name: str | None = None
     result: ProviderResult | None = None
     unpublished: bool = False  # released and its delayed copy not confirmed yet: the relay's
+    dead_lettered: bool = False
 
 
 class MemoryStore:
@@ -326,9 +327,12 @@ class MemoryStore:
                 or (m.status == "processing" and m.lease_until is not None and m.lease_until < now)
             ):
                 continue
+            m.tries += m.status == "processing"  # a lease that ran out is a try spent
             m.status, m.attempt, m.lease_until = "processing", m.attempt + 1, now + lease_s
             claimed.append(
-                ClaimedMessage(m.id, m.tenant_id, m.queue_id, m.batch_id, m.request, m.attempt, m.tries)
+                ClaimedMessage(
+                    m.id, m.tenant_id, m.queue_id, m.batch_id, m.request, m.attempt, m.tries, m.last_error
+                )
             )
         return claimed
 
@@ -367,11 +371,19 @@ class MemoryStore:
         m.provider_id, m.provider_name, m.result = provider.id, provider.name, result
         return True
 
-    def fail(self, msg: ClaimedMessage, error: str, provider: Provider | None, counted: bool = True) -> bool:
+    def fail(
+        self,
+        msg: ClaimedMessage,
+        error: str,
+        provider: Provider | None,
+        counted: bool = True,
+        dead_letter: bool = False,
+    ) -> bool:
         m = self._held(msg)
         if m is None:
             return False
         m.status, m.lease_until, m.last_error = "failed", None, error[:4000]
+        m.dead_lettered = dead_letter
         m.tries += int(counted)
         if provider is not None:
             m.provider_id, m.provider_name = provider.id, provider.name

@@ -242,6 +242,12 @@ def delete_message(message_id: str) -> Any:
     return messages.delete(c(), tenant(), message_id)
 
 
+@route("/message/{message_id}/retry", "POST", 202)
+def retry_message(message_id: str) -> Any:
+    """Send a failed or cancelled message again"""
+    return messages.retry(c(), tenant(), message_id)
+
+
 @route("/batch/{batch_id}", "GET")
 def get_batch(batch_id: str) -> Any:
     return batches.progress(c(), tenant(), batch_id)
@@ -265,6 +271,18 @@ def batch_results(batch_id: str) -> Response:
         headers["X-Next-Cursor"] = next_cursor
         headers["Link"] = batches.next_link(batch_id, query(), next_cursor)
     return Response(payload, status_code=200, headers=headers)
+
+
+@route("/batch/{batch_id}/retry-failed", "POST", 202)
+def retry_failed(batch_id: str) -> Any:
+    """Send the batch's failed messages again"""
+    return batches.retry_failed(c(), tenant(), batch_id)
+
+
+@route("/batch/{batch_id}/cancel", "POST")
+def cancel_batch(batch_id: str) -> Any:
+    """Cancel what has not started; what is done is kept"""
+    return batches.cancel(c(), tenant(), batch_id)
 
 
 @route("/webhooks", "POST", 201, body=[WebhookIn], yields=["webhook_id"])

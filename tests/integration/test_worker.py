@@ -131,9 +131,10 @@ def test_after_max_attempts_the_message_fails_with_the_last_error(
     fake.configure(error_rate=1.0)
     q = make_queue(container, fake.url)
     [mid] = submit(container, q, "doomed")
-    assert run(container, q, 1)["failed"] == 1
+    assert run(container, q, 1) == {"dead_lettered": 1}
     m = messages.read(container, T, mid)
     assert m["attempts"] == container.settings.max_attempts
+    assert m["status"] == "failed" and m["dead_lettered"] is True
     assert "gave up after 5 attempts" in m["last_error"] and "HTTP 500" in m["last_error"]
 
 

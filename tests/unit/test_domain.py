@@ -32,6 +32,14 @@ def test_retry_after_prefers_milliseconds() -> None:
     assert retry_after_s({"retry-after": "soon"}) is None
 
 
+def test_retry_after_is_kept_within_a_day_and_nan_is_ignored() -> None:
+    assert retry_after_s({"retry-after": "inf"}) == 86_400.0
+    assert retry_after_s({"retry-after-ms": "1e300"}) == 86_400.0
+    assert retry_after_s({"retry-after": "-5"}) == 0.0
+    assert retry_after_s({"retry-after": "nan"}) is None
+    assert retry_after_s({"retry-after-ms": "nan", "retry-after": "2"}) == 2.0
+
+
 def test_retry_after_as_an_http_date() -> None:
     assert (
         retry_after_s(

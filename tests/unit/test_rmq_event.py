@@ -3,7 +3,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from ai_rate_limiter.domain.rmq_event import basic_properties, build_event, parse_event
+from ai_rate_limiter.services.dispatch import message_body, message_id_of
 
 SAMPLE = json.loads((Path(__file__).parents[1] / "events" / "rmq_sample_event.json").read_text())
 
@@ -37,3 +39,16 @@ def test_undecodable_data_becomes_empty() -> None:
     event = build_event("q", "/", [(b"x", False, {})])
     event["rmqMessagesByQueue"]["q::/"][0]["data"] = "***"
     assert parse_event(event)[0].data == b""
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"message_id": 123}', b"[1]", b'"x"', b'{"message_id": null}', b"\xff", b'{"message_id": [1]}', b"{}"],
+)
+def test_a_body_that_is_not_a_message_reads_as_none(body: bytes) -> None:
+    assert message_id_of(body) is None
+
+
+def test_a_message_body_reads_back_as_its_id() -> None:
+    mid = "6f1c1f7e-3c4b-4b8e-9a51-0d3f7a1c2b3d"
+    assert message_id_of(message_body("t", mid)) == mid

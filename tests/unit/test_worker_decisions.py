@@ -144,11 +144,11 @@ def test_after_max_attempts_the_message_fails_with_the_last_error(ports: FakePor
     n = ports.settings.max_attempts
     ports.providers.script(p.id, *[ProviderUnavailable(f"fake: HTTP 500: boom {i}") for i in range(n)])
 
-    assert run(ports, mid) == "failed"
+    assert run(ports, mid) == "dead_lettered"
 
     assert len(ports.providers.sent()) == n
     m = ports.store.messages[mid]
-    assert (m.status, m.tries) == ("failed", n)
+    assert (m.status, m.tries, m.dead_lettered) == ("failed", n, True)
     assert m.last_error == f"gave up after {n} attempts: fake: HTTP 500: boom {n - 1}"
 
 
@@ -157,9 +157,58 @@ def test_a_message_that_already_spent_its_tries_fails_after_one_more(ports: Fake
     mid = ports.store.add_message(Q, tries=ports.settings.max_attempts - 1)
     ports.providers.script(p.id, ProviderUnavailable("fake: HTTP 502"))
 
-    assert run(ports, mid) == "failed"
+    assert run(ports, mid) == "dead_lettered"
     assert len(ports.providers.calls) == 1
     assert ports.store.messages[mid].tries == ports.settings.max_attempts
+
+
+def test_an_error_of_the_workers_own_spends_a_try_and_comes_back_after_a_backoff(ports: FakePorts) -> None:
+    queue(ports)
+    mid = ports.store.add_message(Q)
+
+    def crash(p: Provider) -> None:
+        raise KeyError("a bug")
+
+    ports.providers.before_send = crash
+
+    assert run(ports, mid) == "deferred"
+
+    m = ports.store.messages[mid]
+    assert (m.status, m.tries, m.last_error, m.dead_lettered) == (
+        "queued",
+        1,
+        "internal error: KeyError",
+        False,
+    )
+    [(_, _, delay_s)] = ports.broker.delayed
+    assert 0 <= delay_s <= 0.5  # the first backoff
+
+
+def test_a_message_that_always_crashes_its_worker_is_dead_lettered_after_its_tries(ports: FakePorts) -> None:
+    queue(ports)
+    mid = ports.store.add_message(Q)
+    n = ports.settings.max_attempts
+
+    def crash(p: Provider) -> None:
+        raise TypeError("a bug")
+
+    ports.providers.before_send = crash
+
+    outcomes = [run(ports, mid) for _ in range(n)]
+
+    assert outcomes == ["deferred"] * (n - 1) + ["dead_lettered"]
+    m = ports.store.messages[mid]
+    assert (m.status, m.tries, m.dead_lettered) == ("failed", n, True)
+    assert m.last_error == f"gave up after {n} attempts: internal error: TypeError"
+
+
+def test_a_lease_that_ran_out_counts_as_a_try(ports: FakePorts) -> None:
+    queue(ports)
+    mid = ports.store.add_message(Q)
+    [first] = ports.store.claim([mid], lease_s=20.0)  # its worker dies holding it
+    ports.clock.advance(21.0)
+    [again] = ports.store.claim([mid], lease_s=20.0)
+    assert (first.tries, again.tries, again.attempt) == (0, 1, first.attempt + 1)
 
 
 # -- when no slot or pause fits the invocation ----------------------------------------------------
@@ -191,7 +240,7 @@ def test_a_deferral_whose_delayed_copy_is_refused_is_left_to_the_relay(ports: Fa
 
     ports.broker.publish_delayed = refused  # type: ignore[method-assign,assignment]
 
-    assert run(ports, mid, deadline_s=20.0, call_budget_s=5.0) == "failed"  # the generic guard
+    assert run(ports, mid, deadline_s=20.0, call_budget_s=5.0) == "deferred"
     m = ports.store.messages[mid]
     assert (m.status, m.unpublished) == ("queued", True)
 
@@ -219,7 +268,7 @@ def test_a_provider_that_always_asks_for_later_still_runs_the_message_out_of_tri
 
     outcomes = [run(ports, mid) for _ in range(n)]  # each delivery after the last one's delay
 
-    assert outcomes == ["deferred"] * (n - 1) + ["failed"]
+    assert outcomes == ["deferred"] * (n - 1) + ["dead_lettered"]
     m = ports.store.messages[mid]
     assert (m.status, m.tries, m.last_error) == ("failed", n, f"gave up after {n} attempts: fake: HTTP 503")
     assert len(ports.broker.delayed) == n - 1
@@ -427,7 +476,8 @@ def test_a_message_whose_lease_was_lost_is_left_to_its_new_holder(ports: FakePor
     assert run(ports, mid, lease_s=5.0) == "lost"
 
     m = ports.store.messages[mid]
-    assert (m.status, m.attempt, m.tries, m.result, m.last_error) == ("processing", 2, 0, None, None)
+    # the takeover counted the try whose lease ran out; the late outcome wrote nothing
+    assert (m.status, m.attempt, m.tries, m.result, m.last_error) == ("processing", 2, 1, None, None)
 
 
 def test_a_queue_without_an_active_provider_fails_without_a_counted_try(ports: FakePorts) -> None:

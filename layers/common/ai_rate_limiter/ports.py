@@ -38,7 +38,12 @@ class MessageStore(Protocol):
     def complete(self, msg: ClaimedMessage, provider: Provider, result: ProviderResult) -> bool: ...
 
     def fail(
-        self, msg: ClaimedMessage, error: str, provider: Provider | None, counted: bool = True
+        self,
+        msg: ClaimedMessage,
+        error: str,
+        provider: Provider | None,
+        counted: bool = True,
+        dead_letter: bool = False,
     ) -> bool: ...
 
     def release(self, msg: ClaimedMessage, note: str | None = None) -> bool: ...

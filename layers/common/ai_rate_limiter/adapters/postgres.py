@@ -710,17 +710,21 @@ class Store:
             return cur.rowcount == 1
 
     def claim(self, ids: Sequence[str], lease_s: float) -> list[ClaimedMessage]:
-        """Take the lease on every message that is queued (or whose lease ran out)."""
+        """Take the lease on every message that is queued (or whose lease ran out). A lease that
+        ran out counts as a try: the attempt that held it ended without an outcome (its worker
+        died or stalled), so a message that kills its worker runs out of tries too."""
         if not ids:
             return []
         with self.db.tx() as cur:
             cur.execute(
                 """UPDATE messages SET status = 'processing', attempt = attempt + 1,
+                          tries = tries + (status = 'processing')::int,
                           lease_until = now() + make_interval(secs => %s),
                           started_at = coalesce(started_at, now()), updated_at = now()
                    WHERE id = ANY(%s::uuid[])
                      AND (status = 'queued' OR (status = 'processing' AND lease_until < now()))
-                   RETURNING id::text, tenant_id, queue_id, batch_id::text, request, attempt, tries""",
+                   RETURNING id::text, tenant_id, queue_id, batch_id::text, request, attempt, tries,
+                             last_error""",
                 (lease_s, list(ids)),
             )
             rows = cur.fetchall()
@@ -733,6 +737,7 @@ class Store:
                 request=ChatRequest.from_json(r["request"]),
                 attempt=r["attempt"],
                 tries=r["tries"],
+                last_error=r["last_error"],
             )
             for r in rows
         ]
@@ -816,13 +821,22 @@ class Store:
         done = {r["id"] for r in stored}
         return [str(r[0]) in done for r in rows]
 
-    def fail(self, msg: ClaimedMessage, error: str, provider: Provider | None, counted: bool = True) -> bool:
+    def fail(
+        self,
+        msg: ClaimedMessage,
+        error: str,
+        provider: Provider | None,
+        counted: bool = True,
+        dead_letter: bool = False,
+    ) -> bool:
+        """Fail the message for good; `dead_letter`: because it used up its tries."""
         with self.db.tx() as cur:
             cur.execute(
                 """UPDATE messages SET status = 'failed', lease_until = NULL, last_error = %s,
                           tries = tries + %s,
                           provider_id = coalesce(%s, provider_id),
                           provider_name = coalesce(%s, provider_name),
+                          dead_lettered_at = CASE WHEN %s THEN now() END,
                           finished_at = now(), updated_at = now()
                    WHERE id = %s AND attempt = %s AND status = 'processing'""",
                 (
@@ -830,25 +844,71 @@ class Store:
                     int(counted),
                     provider and provider.id,
                     provider and provider.name,
+                    dead_letter,
                     msg.id,
                     msg.attempt,
                 ),
             )
             return cur.rowcount == 1
 
+    def requeue_or_dead_letter(
+        self, max_attempts: int, ids: Sequence[str] | None = None, grace_s: float = 0.0
+    ) -> dict[str, int]:
+        """Messages that lost every copy on the broker, each counted as a try: those `ids`
+        the broker dead-lettered (delivered too often without an outcome) that are still to
+        do, or, without `ids`, those whose lease ran out more than `grace_s` ago. With tries
+        left a message is queued for the relay to publish at once; without, it is failed and
+        dead-lettered. Counts of each."""
+        where = (
+            "id = ANY(%(ids)s::uuid[])"
+            " AND (status = 'queued' OR (status = 'processing' AND lease_until < now()))"
+            if ids is not None
+            else "status = 'processing' AND lease_until < now() - make_interval(secs => %(grace_s)s)"
+        )
+        with self.db.tx() as cur:
+            cur.execute(
+                f"""WITH due AS (
+                        SELECT id, tries + 1 >= %(max)s AS spent FROM messages WHERE {where}
+                        ORDER BY id FOR UPDATE SKIP LOCKED)
+                    UPDATE messages m SET
+                        tries = m.tries + 1, lease_until = NULL, updated_at = now(),
+                        status = CASE WHEN due.spent THEN 'failed' ELSE 'queued' END,
+                        relay_after = CASE WHEN due.spent THEN NULL ELSE now() END,
+                        dead_lettered_at = CASE WHEN due.spent THEN now() END,
+                        finished_at = CASE WHEN due.spent THEN now() END,
+                        last_error = CASE WHEN due.spent
+                            THEN left(format('gave up after %%s attempts: %%s', m.tries + 1,
+                                 coalesce(m.last_error, 'no attempt ended with an outcome')), 4000)
+                            ELSE m.last_error END
+                    FROM due WHERE m.id = due.id
+                    RETURNING due.spent""",
+                {"max": max_attempts, "ids": None if ids is None else list(ids), "grace_s": grace_s},
+            )
+            spent = [r["spent"] for r in cur.fetchall()]
+        return {"requeued": spent.count(False), "dead_lettered": spent.count(True)}
+
     def release(self, msg: ClaimedMessage, note: str | None = None) -> bool:
         """Give the message back to the queue (deferred work), keeping its attempt count. Its
         copy on the broker is to come (`published` says when it has): until then it is the
-        relay's, as a new message is."""
+        relay's, as a new message is. One whose batch was cancelled meanwhile is cancelled."""
         with self.db.tx() as cur:
             cur.execute(
-                """UPDATE messages SET status = 'queued', lease_until = NULL, updated_at = now(),
+                """UPDATE messages m SET status = 'queued', lease_until = NULL, updated_at = now(),
                           last_error = coalesce(%s, last_error),
                           relay_after = now() + make_interval(secs => %s)
-                   WHERE id = %s AND attempt = %s AND status = 'processing'""",
+                   WHERE id = %s AND attempt = %s AND status = 'processing'
+                   RETURNING batch_id""",
                 (note, RELAY_AFTER_S, msg.id, msg.attempt),
             )
-            return cur.rowcount == 1
+            row = cur.fetchone()
+            if row is not None and row["batch_id"] is not None:
+                cur.execute(
+                    """UPDATE messages SET status = 'cancelled', relay_after = NULL, finished_at = now()
+                       WHERE id = %s AND EXISTS (SELECT 1 FROM batches
+                                                 WHERE id = %s AND cancelled_at IS NOT NULL)""",
+                    (msg.id, row["batch_id"]),
+                )
+            return row is not None
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -890,22 +950,82 @@ class Store:
         with self.db.tx() as cur:
             cur.execute(
                 """WITH done AS (
-                       UPDATE batches b SET finished_at = now(),
+                       UPDATE batches b SET finished_at = now(), finishes = finishes + 1,
                               webhook_status = CASE WHEN webhook_url IS NULL THEN NULL
                                                     ELSE 'pending' END,
-                              webhook_next_at = now()
+                              webhook_next_at = now(), webhook_last_error = NULL
                        WHERE b.finished_at IS NULL AND (%(batch)s::uuid IS NULL OR b.id = %(batch)s::uuid)
                          AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.batch_id = b.id
                                          AND m.status IN ('queued', 'processing'))
-                       RETURNING b.id, b.tenant_id),
+                       RETURNING b.id, b.tenant_id, b.cancelled_at IS NOT NULL AS cancelled),
                    deliveries AS (
                        INSERT INTO webhook_deliveries (endpoint_id, batch_id, event)
-                       SELECT e.id, done.id, 'batch.completed'
-                       FROM done JOIN webhook_endpoints e ON e.tenant_id = done.tenant_id AND e.enabled)
+                       SELECT e.id, done.id,
+                              CASE WHEN done.cancelled THEN 'batch.cancelled' ELSE 'batch.completed' END
+                       FROM done JOIN webhook_endpoints e ON e.tenant_id = done.tenant_id AND e.enabled
+                       ON CONFLICT (endpoint_id, batch_id, event) DO UPDATE SET
+                           status = 'pending', next_at = now(), last_error = NULL)
                    SELECT count(*) AS n FROM done""",
                 {"batch": batch_id},
             )
             return int(cur.fetchone()["n"])
+
+    def cancel_batch(self, tenant: str, batch_id: str) -> int:
+        """Cancel the batch and its queued messages (those in flight finish, and what is done
+        is kept); how many were cancelled. Cancelling a cancelled batch again changes nothing;
+        a batch that finished otherwise cannot be cancelled."""
+        with self.db.tx() as cur:
+            cur.execute(
+                """UPDATE batches SET cancelled_at = coalesce(cancelled_at, now())
+                   WHERE tenant_id = %s AND id = %s AND (finished_at IS NULL OR cancelled_at IS NOT NULL)
+                   RETURNING id""",
+                (tenant, batch_id),
+            )
+            if cur.fetchone() is None:
+                self.get_batch(tenant, batch_id)  # 404 if there is none
+                raise Conflict("The batch has finished; there is nothing left to cancel.")
+            cur.execute(
+                """UPDATE messages SET status = 'cancelled', relay_after = NULL, finished_at = now(),
+                          updated_at = now()
+                   WHERE batch_id = %s AND status = 'queued'""",
+                (batch_id,),
+            )
+            return int(cur.rowcount)
+
+    def requeue(self, tenant: str, batch_id: str | None = None, message_id: str | None = None) -> list[Row]:
+        """Queue again the failed messages of a batch, or one failed or cancelled message, with
+        their tries back to none; a finished batch is open again. Their ids and queues, for
+        their publish (until which they are the relay's). A cancelled batch stays cancelled."""
+        where, params = (
+            ("batch_id = %s AND status = 'failed'", (tenant, batch_id))
+            if message_id is None
+            else ("id = %s AND status IN ('failed', 'cancelled')", (tenant, message_id))
+        )
+        with self.db.tx() as cur:
+            cur.execute(
+                f"""SELECT m.id, b.cancelled_at IS NOT NULL AS cancelled FROM messages m
+                    LEFT JOIN batches b ON b.id = m.batch_id
+                    WHERE m.tenant_id = %s AND m.{where} FOR UPDATE OF m""",
+                params,
+            )
+            rows = cur.fetchall()
+            if any(r["cancelled"] for r in rows):
+                raise Conflict("The batch was cancelled; its messages are not sent again.")
+            cur.execute(
+                """UPDATE messages SET status = 'queued', tries = 0, last_error = NULL,
+                          dead_lettered_at = NULL, finished_at = NULL, lease_until = NULL,
+                          updated_at = now(), relay_after = now() + make_interval(secs => %s)
+                   WHERE id = ANY(%s::uuid[])
+                   RETURNING id::text, queue_id, batch_id""",
+                (RELAY_AFTER_S, [r["id"] for r in rows]),
+            )
+            requeued = [dict(r) for r in cur.fetchall()]
+            cur.execute(
+                """UPDATE batches SET finished_at = NULL, webhook_status = NULL, webhook_next_at = NULL
+                   WHERE id = ANY(%s::uuid[]) AND finished_at IS NOT NULL""",
+                (list({str(r["batch_id"]) for r in requeued if r["batch_id"]}),),
+            )
+            return requeued
 
     # -- webhooks ---------------------------------------------------------------------------
 
@@ -1021,7 +1141,8 @@ class Store:
                          WHERE w.status = 'pending' AND w.next_at <= now() AND o.enabled
                          ORDER BY w.next_at LIMIT %s FOR UPDATE OF w SKIP LOCKED)
                    RETURNING b.id, b.tenant_id, b.queue_id, b.total, b.created_at, b.finished_at,
-                             d.endpoint_id::text, d.event, d.attempts, e.url, e.secret""",
+                             b.cancelled_at, b.finishes, d.endpoint_id::text, d.event, d.attempts,
+                             e.url, e.secret""",
                 (lease_s, limit),
             )
             return [dict(r) for r in cur.fetchall()]

@@ -243,6 +243,32 @@ class Broker:
 
         return self._run(op)
 
+    def drain(self, queue: str, settle: Callable[[list[bytes]], None], limit: int) -> int:
+        """Take up to `limit` messages from `queue`, hand their bodies to `settle` (which must
+        not use the broker), and ack them once it has returned: if it raises, they stay. How
+        many were taken."""
+
+        def op(ch: BlockingChannel) -> int:
+            tags: list[int] = []
+            bodies: list[bytes] = []
+            while len(tags) < limit:
+                method, _, body = ch.basic_get(queue, auto_ack=False)
+                if method is None:
+                    break
+                tags.append(method.delivery_tag)
+                bodies.append(bytes(body))
+            if not tags:
+                return 0
+            try:
+                settle(bodies)
+            except BaseException:
+                ch.basic_nack(tags[-1], multiple=True, requeue=True)
+                raise
+            ch.basic_ack(tags[-1], multiple=True)
+            return len(tags)
+
+        return self._run(op)
+
     def ready(self, queue: str) -> int:
         """Messages waiting in `queue` (not yet delivered)."""
         return int(self._run(lambda ch: ch.queue_declare(queue, passive=True)).method.message_count)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
@@ -19,18 +20,28 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float
     lowered = {k.lower(): v for k, v in headers.items()}
     if ms := lowered.get("retry-after-ms"):
         try:
-            return max(float(ms) / 1000.0, 0.0)
+            return sane_wait(float(ms) / 1000.0)
         except ValueError:
             pass
     value = lowered.get("retry-after")
     if not value:
         return None
     try:
-        return max(float(value), 0.0)
+        return sane_wait(float(value))
     except ValueError:
         pass
     try:
         when = parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError):
         return None
-    return max(when - (time() if now is None else now), 0.0)
+    return sane_wait(when - (time() if now is None else now))
+
+
+MAX_WAIT_S = 86_400.0  # the longest wait a provider's answer is taken at its word for
+
+
+def sane_wait(seconds: float) -> float:
+    """A wait a provider asked for, within [0, MAX_WAIT_S]; `nan` raises ValueError."""
+    if math.isnan(seconds):
+        raise ValueError("not a number")
+    return min(max(seconds, 0.0), MAX_WAIT_S)

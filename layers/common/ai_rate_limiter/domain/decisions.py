@@ -20,6 +20,14 @@ class OnError:
     avoid_provider: bool = False
     hold_provider_s: float | None = None  # every worker waits this long for this provider (429)
     quota_exhausted: bool = False  # the provider is stopped until it gets a new key
+    dead_letter: bool = False  # failed because the message used up its tries
+
+
+def out_of_tries(tries: int, max_attempts: int, detail: str) -> OnError | None:
+    """The message fails, dead-lettered, if this try (`tries` before it) was its last."""
+    if tries + 1 >= max_attempts:
+        return OnError(False, f"gave up after {tries + 1} attempts: {detail}", dead_letter=True)
+    return None
 
 
 def on_error(exc: ProviderError, tries: int, max_attempts: int) -> OnError:
@@ -32,7 +40,7 @@ def on_error(exc: ProviderError, tries: int, max_attempts: int) -> OnError:
         # The provider's reset holds every worker; the try is not the message's fault.
         hold = exc.retry_after_s or backoff_s(1, base=1.0)
         return OnError(True, exc.detail, counted=False, hold_provider_s=hold)
-    if tries + 1 >= max_attempts:
-        return OnError(False, f"gave up after {tries + 1} attempts: {exc.detail}")
+    if spent := out_of_tries(tries, max_attempts, exc.detail):
+        return spent
     pause = getattr(exc, "retry_after_s", None) or backoff_s(tries + 1)
     return OnError(True, exc.detail, pause_s=pause, avoid_provider=True)

@@ -140,3 +140,4 @@ class ClaimedMessage:
     request: ChatRequest
     attempt: int
     tries: int = 0
+    last_error: str | None = None  # why its last try ended without an answer

@@ -25,11 +25,14 @@ def batch_progress(
     created_at: datetime,
     now: datetime,
     finished: bool,
+    cancelled: bool = False,
 ) -> Progress:
     full = {s.value: int(counts.get(s.value, 0)) for s in Status}
     done = sum(full[s.value] for s in TERMINAL)
     percent = round(100.0 * done / total, 2) if total else 100.0
-    if finished or (total and done >= total):
+    if cancelled:  # what was in flight finishes; nothing else starts
+        status, eta = "cancelled", 0.0
+    elif finished or (total and done >= total):
         status, eta = "completed", 0.0
     elif done == 0:
         status = "processing" if full[Status.PROCESSING] else "queued"

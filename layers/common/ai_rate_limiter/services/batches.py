@@ -12,6 +12,7 @@ from urllib.parse import quote, urlencode
 from ..bootstrap import Container
 from ..domain.progress import batch_progress
 from ..errors import ValidationFailed
+from . import dispatch
 from .providers import checked_id
 from .views import Row, iso, message_view
 
@@ -41,7 +42,12 @@ CSV_FIELDS = (
 def progress(c: Container, tenant: str, batch_id: str) -> Row:
     b = c.store.batch_progress(tenant, checked_id(batch_id, "batch"))
     p = batch_progress(
-        b["total"], b["counts"], b["created_at"], datetime.now(UTC), finished=b["finished_at"] is not None
+        b["total"],
+        b["counts"],
+        b["created_at"],
+        datetime.now(UTC),
+        finished=b["finished_at"] is not None,
+        cancelled=b["cancelled_at"] is not None,
     )
     return {
         "batch_id": str(b["id"]),
@@ -55,6 +61,7 @@ def progress(c: Container, tenant: str, batch_id: str) -> Row:
         "created_at": iso(b["created_at"]),
         "started_at": iso(b["started_at"]),
         "finished_at": iso(b["finished_at"]),
+        "cancelled_at": iso(b["cancelled_at"]),
         # Named fields only: never `webhook_secret`, which is shown once, when the batch is made.
         "webhook": None
         if not b["webhook_url"]
@@ -150,3 +157,20 @@ def results(
         return "text/csv; charset=utf-8", out.getvalue(), next_cursor
     body = {"batch_id": batch_id, "total": total, "next_cursor": next_cursor, "results": rows}
     return "application/json", body, next_cursor
+
+
+def cancel(c: Container, tenant: str, batch_id: str) -> Row:
+    """Cancel what has not started; what is in flight finishes, what is done is kept, and the
+    batch's webhook says `cancelled` once nothing is in flight."""
+    batch_id = checked_id(batch_id, "batch")
+    c.store.cancel_batch(tenant, batch_id)
+    c.store.finish_batch_if_done(batch_id)
+    return progress(c, tenant, batch_id)
+
+
+def retry_failed(c: Container, tenant: str, batch_id: str) -> Row:
+    """Send the batch's failed messages again, with their tries back to none."""
+    batch_id = checked_id(batch_id, "batch")
+    c.store.get_batch(tenant, batch_id)  # 404 if there is none
+    requeued = dispatch.requeue(c, tenant, c.store.requeue(tenant, batch_id=batch_id))
+    return {"batch_id": batch_id, "requeued": requeued, "status": progress(c, tenant, batch_id)["status"]}

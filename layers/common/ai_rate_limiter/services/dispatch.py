@@ -4,16 +4,31 @@ those whose publish was not confirmed (the outbox)."""
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 from collections.abc import Sequence
 
 from ..bootstrap import Container
 from ..domain.models import ClaimedMessage
-from ..errors import NotFound
-from ..ports import WorkerPorts
+from ..errors import AppError, NotFound
+from ..ports import Row, WorkerPorts
+
+log = logging.getLogger(__name__)
 
 
 def message_body(tenant: str, message_id: str) -> bytes:
     return message_bodies(tenant, [message_id])[0]
+
+
+def message_id_of(body: bytes) -> str | None:
+    """The message id a body carries (what `message_body` made), or None for any other body:
+    whatever a queue holds, reading it never raises."""
+    try:
+        doc = json.loads(body)
+        mid = doc.get("message_id") if isinstance(doc, dict) else None
+        return str(uuid.UUID(mid)) if isinstance(mid, str) else None
+    except ValueError:  # not JSON, not UTF-8, not a UUID
+        return None
 
 
 def message_bodies(tenant: str, ids: Sequence[str]) -> list[bytes]:
@@ -44,6 +59,30 @@ def publish(
             c.store.published(shard)
     if batch_id is not None:
         c.store.batch_published(batch_id)
+
+
+def publish_or_leave(
+    c: Container, tenant: str, queue_id: str, ids: Sequence[str], workers: int, batch_id: str | None = None
+) -> None:
+    """`publish`, for messages just committed: one that fails or is cut short is finished by
+    the relay, so the answer to the request that committed them stands either way."""
+    try:
+        publish(c, tenant, queue_id, ids, workers, batch_id)
+    except AppError as exc:
+        log.warning(
+            "%d message(s) for %s committed; the relay publishes them: %s", len(ids), queue_id, exc.detail
+        )
+
+
+def requeue(c: Container, tenant: str, rows: Sequence[Row]) -> int:
+    """Publish messages queued again (`id`, `queue_id`); how many."""
+    by_queue: dict[str, list[str]] = {}
+    for r in rows:
+        by_queue.setdefault(r["queue_id"], []).append(r["id"])
+    for queue_id, ids in by_queue.items():
+        queue = c.store.queue_workers(tenant, queue_id)
+        publish_or_leave(c, tenant, queue_id, ids, queue[0]["workers"] if queue else 1)
+    return len(rows)
 
 
 def relay(c: Container, limit: int = 10_000) -> int:
@@ -82,5 +121,9 @@ def defer(c: WorkerPorts, msg: ClaimedMessage, delay_s: float, note: str | None)
     delayed copy does not reach the broker, the relay publishes it (a message released and not
     published is the relay's, as a new one is): a failed publish strands nothing."""
     if c.store.release(msg, note):
-        publish_later(c, msg.tenant_id, msg.queue_id, msg.id, delay_s)
+        try:
+            publish_later(c, msg.tenant_id, msg.queue_id, msg.id, delay_s)
+        except NotFound as exc:  # its delay queue is gone: the relay declares it again
+            log.warning("the delayed copy of %s was refused; the relay publishes it: %s", msg.id, exc.detail)
+            return
         c.store.published([msg.id])

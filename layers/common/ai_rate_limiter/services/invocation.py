@@ -12,12 +12,10 @@ event comes again; the messages it took itself go back to the broker unacked).
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, wait
@@ -33,7 +31,7 @@ from ..domain.rmq_event import Delivery, parse_event
 from ..errors import NotFound
 from . import dispatch, monitoring
 from .intake import Intake
-from .processing import LEASE_S, SAFETY_S, SHUTTING_DOWN, Deadline, process, quietly
+from .processing import LEASE_S, SAFETY_S, SHUTTING_DOWN, Deadline, process, quietly, through_blips
 
 log = logging.getLogger(__name__)
 PUMP_S = 0.05  # the longest the reading thread leaves the broker connection and acks waiting
@@ -42,20 +40,17 @@ MAX_TAKE = 50  # messages claimed in one query
 # LEASE_RENEW_S while it runs: one that dies (or loses Postgres) leaves its messages to the
 # next claim within LEASE_S, not when its whole time would have run out.
 LEASE_RENEW_S = 5.0
-
-
-def message_id(body: bytes) -> str | None:
-    try:
-        return str(uuid.UUID(json.loads(body)["message_id"]))
-    except (ValueError, KeyError, TypeError):
-        return None
+# While Postgres is unreachable a claim is tried again, with growing pauses, for this long:
+# an event failed at once would be delivered again at once, each time counted towards the
+# broker's delivery limit.
+CLAIM_RETRY_S = 20.0
 
 
 def message_ids(deliveries: Sequence[Delivery]) -> tuple[list[str], int]:
     """Message ids in delivery order, and how many bodies were malformed (logged and acked)."""
     ids, malformed = [], 0
     for d in deliveries:
-        mid = message_id(d.data)
+        mid = dispatch.message_id_of(d.data)
         if mid is None:
             log.warning("skipping a malformed message on %s (%d bytes)", d.queue, len(d.data))
             malformed += 1
@@ -101,17 +96,26 @@ class Invocation:
         and one another worker still leases comes back when that lease ends."""
         if not ids:
             return
-        claimed = self.c.store.claim(ids, lease_s=LEASE_S)
+        claimed = through_blips(
+            lambda: self.c.store.claim(ids, lease_s=LEASE_S),
+            CLAIM_RETRY_S,
+            lambda: self.stop_at - time.monotonic(),
+            "claiming messages",
+        )
+        got = {m.id for m in claimed}
+        spent = [m for m in claimed if m.tries >= self.c.settings.max_attempts]
+        claimed = [m for m in claimed if m.tries < self.c.settings.max_attempts]
         for i, m in enumerate(claimed):  # started first: whatever fails below, a claimed message is under way
             try:
                 self.start(m, None if tags is None else tags[m.id])
             except BaseException:
                 # Its providers could not be loaded (a key that cannot be opened, Postgres
                 # gone): what was not started goes back at once rather than when its lease ends.
-                for left in claimed[i:]:
+                for left in claimed[i:] + spent:
                     quietly(self.c.store.release, left, None)
                 raise
-        got = {m.id for m in claimed}
+        for m in spent:  # its leases ended without an outcome until no try was left
+            self.dead_letter(m, tags)
         if len(got) < len(ids):
             parked = park_held(self.c, set(ids) - got)
             with self.lock:
@@ -120,6 +124,18 @@ class Invocation:
             for mid in set(ids) - got:
                 if tags is not None:
                     self.finished.put(tags[mid])
+
+    def dead_letter(self, m: ClaimedMessage, tags: Mapping[str, int] | None) -> None:
+        """A message claimed with no try left (one that kills or stalls its worker every time
+        comes here) is failed and dead-lettered, with the last error it had."""
+        error = f"gave up after {m.tries} attempts: {m.last_error or 'no attempt ended with an outcome'}"
+        dead = self.c.store.fail(m, error, None, counted=False, dead_letter=True)
+        with self.lock:
+            self.outcomes["dead_lettered" if dead else "lost"] += 1
+            if m.batch_id:
+                self.batches.add(m.batch_id)
+        if tags is not None:
+            self.finished.put(tags[m.id])
 
     def providers_of(self, tenant: str, queue_id: str) -> list[Provider]:
         key = (tenant, queue_id)
@@ -228,7 +244,7 @@ class Invocation:
             if got is None:
                 break
             tag, body = got
-            mid = message_id(body)
+            mid = dispatch.message_id_of(body)
             if mid is None or mid in tags:
                 log.warning("skipping a malformed or repeated message (%d bytes)", len(body))
                 with self.lock:

@@ -21,7 +21,7 @@ from ..adapters.webhooks import batch_secret_id, new_secret
 from ..bootstrap import Container
 from ..domain.models import ChatRequest
 from ..domain.schemas import BatchIn, MessageFields, MessageIn, parse
-from ..errors import AppError, Conflict, NotFound, PayloadTooLarge, field_error, invalid
+from ..errors import Conflict, NotFound, PayloadTooLarge, field_error, invalid
 from . import dispatch
 from .providers import checked_id
 from .views import Row, message_view
@@ -196,16 +196,8 @@ def _store_and_publish(c: Container, tenant: str, made: Submission, key: Row | N
     if not queue:
         raise NotFound(f"No queue {made.queue_id}.")
     c.store.insert_messages(tenant, made.batch, made.rows, key)
-    try:
-        ids, batch_id = [r["id"] for r in made.rows], made.batch["id"] if made.batch else None
-        dispatch.publish(c, tenant, made.queue_id, ids, queue[0]["workers"], batch_id)
-    except AppError as exc:
-        log.warning(
-            "%d message(s) for %s committed; the relay publishes them: %s",
-            len(made.rows),
-            made.queue_id,
-            exc.detail,
-        )
+    ids, batch_id = [r["id"] for r in made.rows], made.batch["id"] if made.batch else None
+    dispatch.publish_or_leave(c, tenant, made.queue_id, ids, queue[0]["workers"], batch_id)
 
 
 def read(c: Container, tenant: str, message_id: str) -> Row:
@@ -228,3 +220,15 @@ def delete(c: Container, tenant: str, message_id: str) -> Row:
     if not c.store.delete_message(tenant, message_id):
         raise Conflict("The message changed while it was being deleted; try again.")
     return {"message_id": message_id, "deleted": True}
+
+
+def retry(c: Container, tenant: str, message_id: str) -> Row:
+    """Send a failed or cancelled message again, with its tries back to none (its batch, if
+    finished, is open again until it is done)."""
+    message_id = checked_id(message_id, "message")
+    requeued = c.store.requeue(tenant, message_id=message_id)
+    if not requeued:
+        status = c.store.get_message(tenant, message_id)["status"]  # 404 if there is none
+        raise Conflict(f"Only a failed or cancelled message is sent again; this one is {status}.")
+    dispatch.requeue(c, tenant, requeued)
+    return {"message_id": message_id, "status": "queued"}

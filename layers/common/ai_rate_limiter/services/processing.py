@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..adapters.egress import Departure
 from ..domain import tokens
-from ..domain.decisions import OnError, on_error
+from ..domain.backoff import backoff_s
+from ..domain.decisions import OnError, on_error, out_of_tries
 from ..domain.feedback import exhausted
 from ..domain.limits import Headroom, Limit, concurrency_key, provider_limits, settlement, token_key
 from ..domain.models import ClaimedMessage, Provider, ProviderResult
@@ -30,6 +31,7 @@ from . import dispatch
 from .intake import Ticket
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 SAFETY_S = 1.0  # never plan work into the last second of an invocation
 MAX_LATE_WAKEUPS = 5
 RETIME_WAIT_S = 1.0  # a request late at its departure waits this long at most for a fresh slot
@@ -82,24 +84,45 @@ def process(
     ticket: Ticket | None = None,
 ) -> str:
     ticket = ticket or Ticket.untracked()
+    held = Held(m)
     try:
-        return attempt_until_done(c, m, providers, deadline, call_budget, ticket)
+        return attempt_until_done(c, held, providers, deadline, call_budget, ticket)
     except LimiterUnavailable as exc:
         # Without the shared limiter nothing may be sent: the message waits, nothing fails.
         log.warning("limiter unreachable; message %s waits %.0fs: %s", m.id, LIMITER_RETRY_S, exc.detail)
         try:
-            dispatch.defer(c, m, LIMITER_RETRY_S, "waiting for the rate limiter (redis unreachable)")
+            dispatch.defer(c, held.m, LIMITER_RETRY_S, "waiting for the rate limiter (redis unreachable)")
         except DependencyUnavailable:
-            quietly(lambda: c.store.release(m, None))
+            quietly(c.store.release, held.m, None)
             raise
         return "deferred"
     except DependencyUnavailable:
-        quietly(lambda: c.store.release(m, None))
+        quietly(c.store.release, held.m, None)
         raise
     except Exception as exc:  # a bad message must not fail its neighbours
         log.exception("message %s failed unexpectedly", m.id)
-        c.store.fail(m, f"internal error: {type(exc).__name__}", None)
-        return "failed"
+        return unexpected(c, held.m, f"internal error: {type(exc).__name__}")
+
+
+@dataclass
+class Held:
+    """The claim a message is worked on under; each renewal replaces it."""
+
+    m: ClaimedMessage
+
+
+def unexpected(c: WorkerPorts, m: ClaimedMessage, error: str) -> str:
+    """An error of the worker's own while it works on a message spends a try, as a dropped
+    connection would: the message comes back after a backoff until its tries are used up,
+    and then it is dead-lettered. So one that always crashes ends, and its neighbours go on."""
+    spent = out_of_tries(m.tries, c.settings.max_attempts, error)
+    if spent is not None:
+        return "dead_lettered" if c.store.fail(m, spent.error, None, dead_letter=True) else "lost"
+    renewed = c.store.renew(m, LEASE_S, True, error)
+    if renewed is None:
+        return "lost"
+    dispatch.defer(c, renewed, backoff_s(renewed.tries), error)
+    return "deferred"
 
 
 @dataclass(frozen=True)
@@ -122,7 +145,7 @@ class Plan:
 
 def attempt_until_done(
     c: WorkerPorts,
-    m: ClaimedMessage,
+    held: Held,
     providers: list[Provider],
     deadline: Deadline,
     call_budget: float,
@@ -130,7 +153,7 @@ def attempt_until_done(
 ) -> str:
     """The sequence: a slot on the provider that serves soonest, the call, the answer stored;
     after a failed call, what `on_error` decides."""
-    s = c.settings
+    m, s = held.m, c.settings
     plan = Plan.of(c, m, providers, ticket.guard_s(s.limiter_guard_s, s.limiter_late_s))
     if not plan.providers:
         c.store.fail(m, "The queue has no usable provider (deleted or out of quota).", None, counted=False)
@@ -154,13 +177,13 @@ def attempt_until_done(
                 ticket.rate_limited(provider.id)
             decision = on_error(exc, m.tries, c.settings.max_attempts)
             if not carry_out(c, m, plan, index, decision):
-                return "failed"
+                return "dead_lettered" if decision.dead_letter else "failed"
             # The try is counted (unless it was a 429) before anything else, so that a message
             # handed back for a pause it cannot wait here still runs out of tries.
             renewed = c.store.renew(m, LEASE_S, decision.counted, decision.error)
             if renewed is None:
                 return "lost"
-            m = renewed
+            m = held.m = renewed
             if decision.pause_s > budget():
                 dispatch.defer(c, m, decision.pause_s, decision.error)
                 return "deferred"
@@ -190,18 +213,32 @@ def attempt_until_done(
 def keep_answer(
     c: WorkerPorts, m: ClaimedMessage, provider: Provider, result: ProviderResult, left: Callable[[], float]
 ) -> bool:
-    """Store a paid answer, trying again while Postgres blips (growing pauses, for as long as
-    the invocation has time and at most KEEP_ANSWER_S): given up, the message comes again and
-    its provider is called again. Whether it was still this attempt's."""
+    """Store a paid answer, trying again while Postgres blips (for as long as the invocation
+    has time and at most KEEP_ANSWER_S): given up, the message comes again and its provider is
+    called again. Whether it was still this attempt's."""
+    return through_blips(
+        lambda: c.store.complete(m, provider, result),
+        KEEP_ANSWER_S,
+        left,
+        f"storing the answer to {m.id}",
+        c.clock,
+    )
+
+
+def through_blips(
+    action: Callable[[], T], most_s: float, left: Callable[[], float], what: str, clock: Clock = SYSTEM_CLOCK
+) -> T:
+    """`action()`, tried again while a dependency is unreachable, with pauses growing from
+    0.1 s to 2 s, for at most `most_s` in all and while `left()` has room for the pause."""
     pause, waited = 0.1, 0.0
     while True:
         try:
-            return c.store.complete(m, provider, result)
+            return action()
         except DependencyUnavailable as exc:
-            if waited + pause > KEEP_ANSWER_S or pause > left():
+            if waited + pause > most_s or pause > left():
                 raise
-            log.warning("storing the answer to %s failed; again in %.1fs: %s", m.id, pause, exc.detail)
-            c.clock.sleep(pause)
+            log.warning("%s failed; again in %.1fs: %s", what, pause, exc.detail)
+            clock.sleep(pause)
             waited += pause
             pause = min(pause * 2, 2.0)
 
@@ -217,7 +254,7 @@ def carry_out(c: WorkerPorts, m: ClaimedMessage, plan: Plan, index: int, decisio
         c.limiter.settle(settlement(provider, plan.headroom, plan.costs[index], 0))
         c.limiter.push(plan.limits[index], decision.hold_provider_s)
     if not decision.retry:
-        c.store.fail(m, decision.error, provider)
+        c.store.fail(m, decision.error, provider, dead_letter=decision.dead_letter)
     return decision.retry
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from ..adapters.secrets_box import KeyUnreadable, is_sealed
 from ..adapters.webhooks import Answer, batch_secret_id, endpoint_secret_id
 from ..bootstrap import Container
 from ..domain.backoff import backoff_s
+from ..errors import AppError
 from . import dispatch, shards
 from .views import Row, all_counts, iso
 
@@ -26,15 +28,20 @@ LEASE_MARGIN_S = 10.0
 RESULT_MARGIN_S = 5.0  # of the margin, what is kept for writing the result
 PARALLEL = 10  # deliveries sent at once: the webhook client's connections (bootstrap)
 MAX_RETRY_S = 600.0
+# A message whose lease ran out this long ago and that nobody took over has no copy left on the
+# broker (a live one would have brought it back to a worker within the lease): it is queued again.
+ORPHANED_S = 30.0
+DRAIN_AT_ONCE = 500  # dead letters taken from the broker per round
 
 
 def webhook_payload(c: Container, batch: Row) -> Row:
     counts = all_counts(c.store.batch_counts(str(batch["id"])))
+    status = "cancelled" if batch.get("cancelled_at") else "completed"
     return {
-        "event": "batch.completed",
+        "event": f"batch.{status}",
         "batch_id": str(batch["id"]),
         "queue_id": batch["queue_id"],
-        "status": "completed",
+        "status": status,
         "total": batch["total"],
         "counts": counts,
         "created_at": iso(batch["created_at"]),
@@ -43,9 +50,11 @@ def webhook_payload(c: Container, batch: Row) -> Row:
     }
 
 
-def webhook_id(batch_id: str) -> str:
-    """The event's id, the same on every attempt: a receiver's idempotency key."""
-    return "msg_" + batch_id.replace("-", "")
+def webhook_id(batch_id: str, finishes: int = 1) -> str:
+    """The event's id, the same on every attempt: a receiver's idempotency key. A batch opened
+    again (its failed messages sent again) finishes anew, with a new id."""
+    suffix = f"_{finishes}" if finishes > 1 else ""
+    return "msg_" + batch_id.replace("-", "") + suffix
 
 
 def webhook_retry_s(attempts: int, rand: float | None = None) -> float:
@@ -122,7 +131,9 @@ def deliver(c: Container, d: Delivery, leased_until: float) -> str:
         answer = Answer(None, exc.detail)
     else:
         if deadline_s > 0:
-            answer = c.webhooks.send(d.url, webhook_id(str(d.row["id"])), body, secrets, deadline_s)
+            answer = c.webhooks.send(
+                d.url, webhook_id(str(d.row["id"]), d.row.get("finishes", 1)), body, secrets, deadline_s
+            )
         else:
             answer = Answer(None, "the lease ran out before the delivery could leave")
     status, error, retry_s = verdict(answer, d.attempt, s.webhook_max_attempts)
@@ -163,12 +174,37 @@ def deliver_webhooks(c: Container, limit: int = 20) -> dict[str, int]:
     }
 
 
+def recover(c: Container) -> dict[str, int]:
+    """Messages with no copy left on the broker: those whose lease ran out more than
+    ORPHANED_S ago with nobody taking them over, and those the broker dead-lettered after too
+    many deliveries without an outcome. Each is counted as a try: with tries left it is queued
+    for the relay to publish now; without, its row is failed and says why. A dead-lettered copy
+    leaves the dead-letter queue only once its row says what became of it."""
+    s = c.settings
+    counts: Counter[str] = Counter(c.store.requeue_or_dead_letter(s.max_attempts, grace_s=ORPHANED_S))
+
+    def settle(bodies: list[bytes]) -> None:
+        ids = [mid for body in bodies if (mid := dispatch.message_id_of(body)) is not None]
+        counts.update(c.store.requeue_or_dead_letter(s.max_attempts, ids=ids))
+
+    for tenant, queue_id in c.store.all_queues():
+        name = c.names(tenant, queue_id).dead_letter
+        try:
+            while c.broker.drain(name, settle, DRAIN_AT_ONCE) == DRAIN_AT_ONCE:
+                pass
+        except AppError as exc:  # its queue is gone or the broker is down: the next sweep
+            log.warning("dead letters of %s not read: %s", name, exc.detail)
+    return {"requeued": counts["requeued"], "dead_lettered": counts["dead_lettered"]}
+
+
 def sweep(c: Container) -> dict[str, int]:
+    recovered = recover(c)
     relayed = dispatch.relay(c)
     c.store.forget_idempotency_keys(c.settings.idempotency_ttl_s)
     finished = c.store.finish_batches()
     moved = shards.fold_retired(c)
     return {
+        **recovered,
         "relayed": relayed,
         "batches_finished": finished,
         "moved_from_retired_shards": moved,

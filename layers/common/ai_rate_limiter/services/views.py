@@ -70,6 +70,7 @@ def message_view(row: Row) -> Row:
         "latency_ms": row["latency_ms"],
         "attempts": row["tries"],
         "last_error": row["last_error"],
+        "dead_lettered": row["dead_lettered_at"] is not None,
         "created_at": iso(row["created_at"]),
         "started_at": iso(row["started_at"]),
         "finished_at": iso(row["finished_at"]),
