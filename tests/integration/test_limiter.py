@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import threading
+import time
 import uuid
 
 import pytest
@@ -177,6 +178,14 @@ def test_a_settlement_whose_answer_was_lost_is_applied_once(
     lim.reserve([], 0)  # ... and the unsure one goes again
     assert int(lim.client.get(tokens.key)) == before + 500_000
     assert lim._unsure == [] and lim._pending == {}
+
+
+def test_a_short_lease_does_not_cut_a_longer_one_short(container: Container) -> None:
+    lim, key = container.limiter, f"test:{uuid.uuid4().hex}"
+    assert lim.acquire(key, 2, 30.0) is not None  # in flight for up to 30 s
+    assert lim.acquire(key, 2, 0.1) is not None  # a short one after it
+    time.sleep(1.3)  # the short lease, and a second more, are over
+    assert lim.acquire(key, 1, 30.0) is None  # the long one still holds the only place
 
 
 def test_many_more_threads_than_connections_reserve_at_once(container: Container) -> None:

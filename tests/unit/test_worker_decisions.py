@@ -433,6 +433,31 @@ def test_a_provider_at_max_concurrency_waits_for_a_place(ports: FakePorts) -> No
     assert ports.limiter.in_flight(key) == 0  # and its own place given back after the call
 
 
+def test_a_place_is_held_only_on_the_provider_whose_slot_it_waits_for(ports: FakePorts) -> None:
+    """Both providers cap what is in flight; the message waits 0.5 s for its slot on `a`, and
+    meanwhile holds no place on `b`, which another message could use."""
+    a = ports.store.add_provider(name="a", request_limit=2, time_window=1.0, max_concurrency=1)
+    b = ports.store.add_provider(name="b", request_limit=1, time_window=60.0, max_concurrency=1)
+    ports.store.add_queue(Q, a, b)
+    pa, pb = provider_from_row(a), provider_from_row(b)
+    ports.limiter.reserve([provider_limits(pa, headroom(ports))], 0)  # a's next slot: in 0.5 s
+    ports.limiter.reserve([provider_limits(pb, headroom(ports))], 0)  # b's: in a minute
+    seen: list[tuple[int, int]] = []
+    ports.clock.call_later(
+        0.25,
+        lambda: seen.append(
+            (ports.limiter.in_flight(concurrency_key(pa)), ports.limiter.in_flight(concurrency_key(pb)))
+        ),
+    )
+    mid = ports.store.add_message(Q)
+    ports.providers.script(a["id"], answer())
+
+    assert run(ports, mid) == "completed"
+
+    assert seen == [(1, 0)]
+    assert [c.provider_id for c in ports.providers.calls] == [a["id"]]
+
+
 # -- what the answer says ---------------------------------------------------------------------------
 
 

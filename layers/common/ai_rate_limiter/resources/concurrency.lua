@@ -14,7 +14,9 @@ if ARGV[1] == 'acquire' then
     return 0
   end
   redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[3]), ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) + 1000)
+  -- the set lives as long as its longest lease: a short lease must not cut a long one short
+  local longest = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', KEYS[1], tonumber(longest[2]) + 1000)
   return 1
 end
 

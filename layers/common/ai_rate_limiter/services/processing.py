@@ -330,6 +330,13 @@ def take_provider(
             c.limiter.wait_for_release([concurrency_key(providers[i]) for i in usable], min(1.0, budget()))
             continue
         chosen: int | None = None
+
+        def keep_only(i: int, free: list[int] = free, places: dict[int, str] = places) -> None:
+            """The slot is on free[i]: the places taken on the others go back before the sleep."""
+            give_back(c, providers, places, keep=free[i])
+            for j in [j for j in places if j != free[i]]:
+                del places[j]
+
         try:
             chosen, slot = take_slot(
                 c,
@@ -337,6 +344,7 @@ def take_provider(
                 budget,
                 [providers[i].weight for i in free],
                 lambda i, late, free=free: ticket.held_back(providers[free[i]].id),  # type: ignore[misc]
+                keep_only,
             )
             if chosen is not None:
                 ticket.slot(slot.latest, slot.waited_s, providers[free[chosen]].id)
@@ -396,6 +404,7 @@ def take_slot(
     max_wait: Callable[[], float],
     weights: Sequence[float] = (),
     on_late: Callable[[int, float], None] = lambda index, late_s: None,
+    on_reserved: Callable[[int], None] = lambda index: None,
 ) -> tuple[int | None, Slot]:
     """Reserve the soonest slot and sleep until it: (candidate index, the slot), or (None, how
     long until one could start) when no slot starts in time.
@@ -404,15 +413,27 @@ def take_slot(
     Sleeping to the latest bound means never sending early; a worker that wakes up later than
     LIMITER_LATE_S after the earliest bound gives its slot up and takes a fresh one (and the
     request itself is not sent later than that either: `Departure`), so a stall leaves a gap in
-    the schedule instead of a burst that would overfill the provider's window."""
+    the schedule instead of a burst that would overfill the provider's window.
+
+    `on_reserved(index)` runs once a slot is reserved, before the sleep; a fresh slot after a
+    late wake-up is taken on the same candidate."""
     asked = c.clock.monotonic()
+    candidates = list(range(len(limits)))
     for _ in range(MAX_LATE_WAKEUPS):
         budget = max_wait()
         if budget < 0:
             return None, Slot(1.0)
-        index, slot = reserve_slot(c, limits, budget, weights, asked)
-        if index is None:
+        found, slot = reserve_slot(
+            c,
+            [limits[i] for i in candidates],
+            budget,
+            [weights[i] if i < len(weights) else 1.0 for i in candidates],
+            asked,
+            lambda k, candidates=candidates: on_reserved(candidates[k]),  # type: ignore[misc]
+        )
+        if found is None:
             return None, slot
+        index = candidates[found]
         if SHUTTING_DOWN.is_set():  # woken to stop: the slot goes back, the message with it
             c.limiter.refund(slot.limits, slot.slot_us)
             return None, Slot(1.0)
@@ -422,17 +443,24 @@ def take_slot(
         log.debug("%.1f ms after the slot; taking a fresh one", late * 1e3)
         on_late(index, late)
         c.limiter.refund(slot.limits, slot.slot_us)
+        candidates = [index]
     return None, Slot(1.0)  # late every time: the machine is too busy now; the message comes back
 
 
 def reserve_slot(
-    c: WorkerPorts, limits: list[list[Limit]], max_wait_s: float, weights: Sequence[float], asked: float
+    c: WorkerPorts,
+    limits: Sequence[Sequence[Limit]],
+    max_wait_s: float,
+    weights: Sequence[float],
+    asked: float,
+    on_reserved: Callable[[int], None] = lambda index: None,
 ) -> tuple[int | None, Slot]:
     """Reserve the soonest slot starting within `max_wait_s` and sleep until it: (candidate
     index, the slot), or (None, how long until one could start)."""
     reservation = c.limiter.reserve(limits, max_wait_s, weights)
     if not reservation.reserved:
         return None, Slot(reservation.wait_s)
+    on_reserved(reservation.index)
     c.clock.sleep(max(reservation.latest - c.clock.monotonic(), 0.0))
     slot = Slot(
         0.0,
