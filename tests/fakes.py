@@ -314,9 +314,14 @@ class MemoryStore:
     def queue_providers(self, tenant: str, queue_id: str) -> list[tuple[Row, float]]:
         return [(dict(self.providers[pid]), w) for pid, w in self.queues.get((tenant, queue_id), [])]
 
-    def set_provider_status(self, provider_id: str, status: str, detail: str | None) -> None:
-        if provider_id in self.providers:
-            self.providers[provider_id].update(status=status, status_detail=detail)
+    def set_provider_status(
+        self, provider_id: str, status: str, detail: str | None, version: str | None = None
+    ) -> bool:
+        row = self.providers.get(provider_id)
+        if row is None or (version is not None and str(row["updated_at"]) != version):
+            return False
+        row.update(status=status, status_detail=detail)
+        return True
 
     def claim(self, ids: Sequence[str], lease_s: float) -> list[ClaimedMessage]:
         now, claimed = self.clock.monotonic(), []

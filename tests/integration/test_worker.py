@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from ai_rate_limiter.adapters.postgres import stored_api_key
+from ai_rate_limiter.adapters.postgres import provider_from_row, stored_api_key
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.domain import decisions
 from ai_rate_limiter.errors import DependencyUnavailable, LimiterUnavailable
@@ -188,6 +188,35 @@ def test_a_provider_out_of_quota_is_stopped_and_reported(container: Container, f
     assert "providers_out_of_quota" not in health.check(container, "t-other")[1]
     submit(container, q, "c")
     assert run(container, q, 1)["failed"] == 1 and fake.stats()["total"]["requests"] <= 2
+
+
+def test_messages_of_a_provider_out_of_quota_finish_on_the_other(
+    container: Container, fake: FakeProvider
+) -> None:
+    q = make_queue(container, fake.url, {"provider_name": "dry"}, {"provider_name": "wet"})
+    rows = {r["name"]: r for r, _ in container.store.queue_providers(T, q)}
+    dry = stored_api_key(rows["dry"])
+    fake.configure(keys={dry: {"quota_exhausted": True}})
+    ids = submit(container, q, *[f"p{i}" for i in range(6)])
+    assert run(container, q, 6) == {"completed": 6}
+    assert {messages.read(container, T, i)["provider"]["provider_name"] for i in ids} == {"wet"}
+    assert {r["name"]: r["status"] for r, _ in container.store.queue_providers(T, q)} == {
+        "dry": "quota_exhausted",
+        "wet": "active",
+    }
+
+
+def test_the_quota_status_is_not_written_over_a_key_replaced_since(
+    container: Container, fake: FakeProvider
+) -> None:
+    q = make_queue(container, fake.url)
+    [(row, weight)] = container.store.queue_providers(T, q)
+    loaded = provider_from_row(row, weight)
+    container.store.update_provider(T, loaded.id, {"api_key": "sk-a-new-key-000000000000"})
+    assert not container.store.set_provider_status(loaded.id, "quota_exhausted", "late", loaded.version)
+    assert container.store.queue_providers(T, q)[0][0]["status"] == "active"
+    fresh = provider_from_row(container.store.queue_providers(T, q)[0][0])
+    assert container.store.set_provider_status(fresh.id, "quota_exhausted", "now", fresh.version)
 
 
 def test_5xx_moves_the_message_to_another_provider(

@@ -124,6 +124,35 @@ def test_insufficient_quota_fails_the_message_and_stops_the_provider(ports: Fake
     assert len(ports.providers.calls) == 1 and ports.store.messages[second].tries == 0
 
 
+def test_a_provider_out_of_quota_passes_its_message_to_the_queues_other_provider(ports: FakePorts) -> None:
+    a, b = ports.store.add_provider(name="a"), ports.store.add_provider(name="b")
+    ports.store.add_queue(Q, a, b)
+    mid = ports.store.add_message(Q)
+    ports.providers.script(a["id"], QuotaExhausted("a: HTTP 429: insufficient_quota"))
+    ports.providers.script(b["id"], answer("from b"))
+
+    assert run(ports, mid) == "completed"
+
+    assert [c.provider_id for c in ports.providers.calls] == [a["id"], b["id"]]
+    m = ports.store.messages[mid]
+    assert (m.status, m.provider_name, m.tries) == ("completed", "b", 1)  # the quota cost no try
+    assert ports.store.providers[a["id"]]["status"] == "quota_exhausted"
+
+
+def test_a_late_quota_error_does_not_stop_a_provider_whose_key_was_replaced(ports: FakePorts) -> None:
+    p = queue(ports)
+    mid = ports.store.add_message(Q)
+    ports.providers.script(p.id, QuotaExhausted("fake: HTTP 429: insufficient_quota"))
+
+    def key_replaced(_: Provider) -> None:  # while the old key's call is out
+        ports.store.providers[p.id].update(api_key="sk-new", updated_at=10_000)
+
+    ports.providers.before_send = key_replaced
+
+    assert run(ports, mid) == "failed"
+    assert ports.store.providers[p.id]["status"] == "active"
+
+
 def test_a_5xx_on_one_provider_moves_the_retry_to_the_other(ports: FakePorts) -> None:
     a, b = ports.store.add_provider(name="a"), ports.store.add_provider(name="b")
     ports.store.add_queue(Q, a, b)

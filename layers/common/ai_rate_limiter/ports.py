@@ -50,7 +50,9 @@ class MessageStore(Protocol):
 
     def published(self, ids: Sequence[str]) -> None: ...
 
-    def set_provider_status(self, provider_id: str, status: str, detail: str | None) -> None: ...
+    def set_provider_status(
+        self, provider_id: str, status: str, detail: str | None, version: str | None = None
+    ) -> bool: ...
 
 
 class Limiter(Protocol):

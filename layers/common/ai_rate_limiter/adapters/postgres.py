@@ -413,12 +413,18 @@ class Store:
             )
             return [dict(r) for r in cur.fetchall()]
 
-    def set_provider_status(self, provider_id: str, status: str, detail: str | None) -> None:
+    def set_provider_status(
+        self, provider_id: str, status: str, detail: str | None, version: str | None = None
+    ) -> bool:
+        """Set the provider's status; with `version` (its `updated_at` as loaded), only if it
+        has not been changed since (a new key is not marked for what the old one did)."""
         with self.db.tx() as cur:
             cur.execute(
-                "UPDATE providers SET status = %s, status_detail = %s WHERE id = %s",
-                (status, detail, provider_id),
+                """UPDATE providers SET status = %s, status_detail = %s
+                   WHERE id = %s AND (%s::timestamptz IS NULL OR updated_at = %s::timestamptz)""",
+                (status, detail, provider_id, version, version),
             )
+            return cur.rowcount == 1
 
     def delete_provider(self, tenant: str, provider_id: str) -> None:
         with self.db.tx() as cur:

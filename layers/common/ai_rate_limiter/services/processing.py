@@ -142,6 +142,15 @@ class Plan:
         limits = [provider_limits(p, headroom, cost) for p, cost in zip(usable, costs, strict=True)]
         return cls(usable, costs, limits, headroom)
 
+    def without(self, i: int) -> Plan:
+        keep = [j for j in range(len(self.providers)) if j != i]
+        return Plan(
+            [self.providers[j] for j in keep],
+            [self.costs[j] for j in keep],
+            [self.limits[j] for j in keep],
+            self.headroom,
+        )
+
 
 def attempt_until_done(
     c: WorkerPorts,
@@ -176,6 +185,14 @@ def attempt_until_done(
             if isinstance(exc, RateLimited):
                 ticket.rate_limited(provider.id)
             decision = on_error(exc, m.tries, c.settings.max_attempts)
+            if decision.quota_exhausted:
+                # Stopped until it gets a new key: unless the key was replaced since it was loaded.
+                c.store.set_provider_status(
+                    provider.id, "quota_exhausted", decision.error, provider.version or None
+                )
+                if len(plan.providers) > 1:  # the queue's others take it; the try was not its fault
+                    plan, failing = plan.without(index), {j - (j > index) for j in failing if j != index}
+                    continue
             if not carry_out(c, m, plan, index, decision):
                 return "dead_lettered" if decision.dead_letter else "failed"
             # The try is counted (unless it was a 429) before anything else, so that a message
@@ -247,8 +264,6 @@ def carry_out(c: WorkerPorts, m: ClaimedMessage, plan: Plan, index: int, decisio
     """Do what `on_error` decided for the provider, and fail the message if it is not retried;
     whether it is retried."""
     provider = plan.providers[index]
-    if decision.quota_exhausted:
-        c.store.set_provider_status(provider.id, "quota_exhausted", decision.error)
     if decision.hold_provider_s is not None:
         log.warning("429 from %s; all workers wait %.2fs", provider.name, decision.hold_provider_s)
         c.limiter.settle(settlement(provider, plan.headroom, plan.costs[index], 0))
