@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 import httpcore
 import httpcore2
 import httpx
+import httpx2
 import pytest
 from ai_rate_limiter.adapters import egress
 from ai_rate_limiter.adapters.egress import EgressRefused, http_client, sdk_http_client
@@ -28,6 +30,7 @@ from ai_rate_limiter.services import batches, invocation, messages, providers, q
 from tests.conftest import FakeProvider, random_key
 
 from .conftest import Api, make_queue, take_event
+from .webhook_receiver import Hook
 
 T = "default"
 PUBLIC = "93.184.216.34"
@@ -339,3 +342,18 @@ def test_the_allowed_fake_provider_answers_and_only_because_it_is_allowed(
     m = messages.read(container, T, second)
     assert m["last_error"] == "egress refused: 127.0.0.1 is a loopback address"
     assert fake.stats()["total"]["requests"] == 1
+
+
+def test_an_answer_trickled_a_byte_at_a_time_is_cut_at_the_timeout() -> None:
+    """Each read gets a byte within the read timeout, so only a deadline on the whole answer
+    ends the call: at the timeout after the request left, not 30 s later."""
+    hook = Hook("drip")
+    port = urlsplit(hook.url).port
+    try:
+        client = sdk_http_client(1.0, allow=f"127.0.0.1:{port}")
+        started = time.monotonic()
+        with pytest.raises(httpx2.ReadTimeout):
+            client.post(hook.url, content=b"{}", headers={"content-type": "application/json"})
+        assert 0.9 <= time.monotonic() - started < 2.0
+    finally:
+        hook.server.shutdown()

@@ -322,13 +322,18 @@ def _one_write_stream(core: ModuleType) -> Any:
     httpcore writes a request's headers and its body separately; between the two a thread can
     wait for the interpreter for many milliseconds on a busy machine, and the provider counts
     the request only once its last byte is in. One write leaves nothing between the departure
-    check and the wire but the write itself (HTTP/1.1 always reads after a whole request)."""
+    check and the wire but the write itself (HTTP/1.1 always reads after a whole request).
+
+    The read timeout bounds the whole answer too, not only each read: from the moment the
+    request leaves, a server has that long to send all of it, so one that trickles a byte at a
+    time cannot hold a call (and the message's lease) for as long as it likes."""
 
     class OneWriteStream(core.NetworkStream):  # type: ignore[name-defined]
         def __init__(self, inner: Any) -> None:
             self.inner = inner
             self.pending: list[bytes] = []
             self.timeout: float | None = None
+            self.answer_by: float | None = None  # on time.monotonic()
 
         def write(self, buffer: bytes, timeout: float | None = None) -> None:
             if buffer:
@@ -339,9 +344,15 @@ def _one_write_stream(core: ModuleType) -> Any:
             if self.pending:
                 data = b"".join(self.pending)
                 self.pending.clear()
+                self.answer_by = None if timeout is None else time.monotonic() + timeout
                 # As httpcore does: a server may have answered and closed early.
                 with contextlib.suppress(core.WriteError):
                     _leaving(lambda: self.inner.write(data, self.timeout))
+            if self.answer_by is not None:
+                left = self.answer_by - time.monotonic()
+                if left <= 0:
+                    raise core.ReadTimeout("the whole answer did not come within the timeout")
+                timeout = left if timeout is None else min(timeout, left)
             return bytes(self.inner.read(max_bytes, timeout))
 
         def close(self) -> None:
