@@ -5,9 +5,11 @@ import uuid
 
 import pika
 import pytest
-from ai_rate_limiter.adapters.rabbitmq import BULK_THRESHOLD, connection_parameters
+from ai_rate_limiter.adapters.rabbitmq import BULK_THRESHOLD, STALE_S, Broker, connection_parameters
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.errors import NotFound
+
+from tests.tcp_proxy import TcpProxy
 
 
 def declare(c: Container) -> str:
@@ -221,3 +223,28 @@ def test_a_reader_says_when_its_queue_was_deleted(container: Container) -> None:
                 reader.get(3, wait_s=0.1)
     finally:
         reader.close()
+
+
+def test_a_publish_after_a_long_pause_opens_a_fresh_connection(
+    container: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen execution environment thaws with its broker connection still looking open, and
+    dead: a publish on it would wait for a confirm that never comes. After STALE_S unused, the
+    broker connects afresh first, and the same message goes out on the new connection."""
+    names = container.names("default", declare(container))
+    proxy = TcpProxy(5672)
+    url = container.settings.rabbitmq_url.replace("127.0.0.1:5672", f"127.0.0.1:{proxy.port}")
+    assert url != container.settings.rabbitmq_url
+    broker = Broker(url)
+    try:
+        broker.publish(names.main, [b'{"n": 1}'])
+        proxy.freeze()  # the old connection: open, and nothing gets through
+        monkeypatch.setattr(broker, "_used_at", time.monotonic() - STALE_S - 1)
+        started = time.monotonic()
+        broker.publish(names.main, [b'{"n": 2}'])
+        assert time.monotonic() - started < 5
+        assert container.broker.ready(names.main) == 2
+    finally:
+        broker.close()
+        proxy.close()
+        container.broker.delete(names)

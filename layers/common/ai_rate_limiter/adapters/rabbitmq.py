@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -25,6 +26,7 @@ T = TypeVar("T")
 BULK_THRESHOLD = 20  # more messages than this go out with pipelined confirms
 WRITE_CHUNK = 256 * 1024  # bytes of marshalled frames per write in a bulk publish
 DELIVERY_LIMIT = 20  # redeliveries of one message before it is dead-lettered
+STALE_S = 30.0  # a publishing connection unused this long is opened afresh before use
 PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type="application/json")
 RECOVERABLE: tuple[type[BaseException], ...] = (pika.exceptions.AMQPError, OSError)
 
@@ -160,18 +162,31 @@ class Broker:
         self._conn: pika.BlockingConnection | None = None
         self._chan: BlockingChannel | None = None
         self._declared: set[str] = set()  # delay queues known to exist
+        self._used_at = 0.0
 
     def _channel(self) -> BlockingChannel:
-        if self._chan is None or not self._chan.is_open:
-            self._reset()
+        """The channel, opened afresh if it is closed or has sat unused for STALE_S: a
+        connection kept through a frozen execution environment still looks open, and a publish
+        on it would wait for a confirm that never comes."""
+        stale = time.monotonic() - self._used_at > STALE_S
+        if self._chan is None or not self._chan.is_open or stale:
+            self._reset(abandon=stale)
             self._conn = pika.BlockingConnection(connection_parameters(self.url))
             self._chan = self._conn.channel()
             self._chan.confirm_delivery()
+        self._used_at = time.monotonic()
         return self._chan
 
-    def _reset(self) -> None:
+    def _reset(self, abandon: bool = False) -> None:
+        """Close the connection; `abandon`: without waiting for the broker to agree, which a
+        dead connection never would (its socket is shut down first)."""
         conn, self._conn, self._chan = self._conn, None, None
         if conn is not None and conn.is_open:
+            if abandon:
+                sock = getattr(getattr(conn._impl, "_transport", None), "_sock", None)
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(*RECOVERABLE):
                 conn.close()
 
