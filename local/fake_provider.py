@@ -9,7 +9,8 @@ requests can wait on their answers at once without slowing each other down.
 Latency: "uniform" is latency_ms +/- jitter_ms; "lognormal" has median latency_ms and shape
 sigma (1.0: p99 about 10 x the median), capped at max_latency_ms. Each answer leaves its latency
 after the request's arrival (its headers and body read), when its limits were checked. A
-request may ask for its own answer time: "metadata": {"fake_latency_ms": "3000"} in its body.
+request may ask for its own answer time: "metadata": {"fake_latency_ms": "3000"} in its body,
+and to fail with a 500 every time: "metadata": {"fake_fail": "always"}.
 
 Control endpoints (JSON):
     GET  /_fake/arrivals?key=K     wall-clock times of the key's admitted requests (the last 200,000)
@@ -351,6 +352,13 @@ def error(
     return json_response(status, body, headers)
 
 
+def requested_failure(body: dict[str, Any]) -> bool:
+    """A request may ask to be answered 500 every time: `"metadata": {"fake_fail": "always"}`
+    (a poison message, for the fault tests)."""
+    metadata = body.get("metadata")
+    return isinstance(metadata, dict) and metadata.get("fake_fail") == "always"
+
+
 def requested_latency_ms(body: dict[str, Any]) -> float | None:
     """A request may ask for its own answer time: `"metadata": {"fake_latency_ms": "3000"}`
     (OpenAI's `metadata` takes string values; Anthropic's carries only `user_id`, so there it
@@ -473,7 +481,7 @@ class App:
         finally:
             self.state.flight(key, -1)
         s = self.state.settings
-        if s.error_rate and self.state.rng.random() < s.error_rate:
+        if requested_failure(body) or (s.error_rate and self.state.rng.random() < s.error_rate):
             self.state.record(key, ok=False)
             return error(
                 dialect,

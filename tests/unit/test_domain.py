@@ -25,6 +25,12 @@ def test_backoff_grows_and_is_capped() -> None:
     assert 0 <= backoff_s(3) <= 2.0
 
 
+def test_equal_jitter_keeps_half_of_each_backoff() -> None:
+    assert [backoff_s(n, rand=0.0, floor=0.5) for n in (1, 2, 3, 4)] == [0.25, 0.5, 1.0, 2.0]
+    assert [backoff_s(n, rand=1.0, floor=0.5) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert backoff_s(3, rand=0.0) == 0.0  # full jitter by default
+
+
 def test_retry_after_prefers_milliseconds() -> None:
     assert retry_after_s({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
     assert retry_after_s({"Retry-After": "3"}) == 3.0

@@ -9,10 +9,14 @@ from email.utils import parsedate_to_datetime
 from time import time
 
 
-def backoff_s(attempt: int, base: float = 0.5, cap: float = 30.0, rand: float | None = None) -> float:
-    """Delay before retry number `attempt` (1-based): uniform in [0, min(cap, base*2^(n-1))]."""
+def backoff_s(
+    attempt: int, base: float = 0.5, cap: float = 30.0, rand: float | None = None, floor: float = 0.0
+) -> float:
+    """Delay before retry number `attempt` (1-based): uniform in [floor * c, c], where c is
+    min(cap, base*2^(n-1)). `floor` 0 is full jitter; 0.5 ("equal jitter") still spreads the
+    retries, and gives their sum a minimum: how long an outage the tries are sure to outlast."""
     ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
-    return ceiling * (random.random() if rand is None else rand)
+    return ceiling * (floor + (1.0 - floor) * (random.random() if rand is None else rand))
 
 
 def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:

@@ -42,5 +42,7 @@ def on_error(exc: ProviderError, tries: int, max_attempts: int) -> OnError:
         return OnError(True, exc.detail, counted=False, hold_provider_s=hold)
     if spent := out_of_tries(tries, max_attempts, exc.detail):
         return spent
-    pause = getattr(exc, "retry_after_s", None) or backoff_s(tries + 1)
+    # Equal jitter: with the defaults (5 tries, 0.5 s doubling) a message outlasts any outage
+    # of the provider shorter than 0.25 + 0.5 + 1 + 2 = 3.75 s.
+    pause = getattr(exc, "retry_after_s", None) or backoff_s(tries + 1, floor=0.5)
     return OnError(True, exc.detail, pause_s=pause, avoid_provider=True)

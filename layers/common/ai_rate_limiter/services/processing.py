@@ -121,7 +121,7 @@ def unexpected(c: WorkerPorts, m: ClaimedMessage, error: str) -> str:
     renewed = c.store.renew(m, LEASE_S, True, error)
     if renewed is None:
         return "lost"
-    dispatch.defer(c, renewed, backoff_s(renewed.tries), error)
+    dispatch.defer(c, renewed, backoff_s(renewed.tries, floor=0.5), error)
     return "deferred"
 
 
