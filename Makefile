@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install up test lint unit integration e2e migrate check-services validate bench clean
+.PHONY: install up test lint unit integration e2e faults migrate check-services validate bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ validate: install
 
 ## Every tier against the local PostgreSQL, Redis and RabbitMQ.
 test: install lint validate check-services
-	$(BIN)/python -m pytest tests/unit tests/integration tests/e2e
+	$(BIN)/python -m pytest tests/unit tests/integration tests/e2e tests/faults
 
 unit: install
 	$(BIN)/python -m pytest tests/unit
@@ -44,6 +44,10 @@ integration: install check-services
 
 e2e: install check-services
 	$(BIN)/python -m pytest tests/e2e
+
+## The fault tests alone; their figures land in faults-results.json.
+faults: install check-services
+	$(BIN)/python -m pytest tests/faults
 
 ## The benchmark: a table, and bench-results.json at the repository root.
 bench: install check-services

@@ -57,6 +57,7 @@ class Stack:
     proc: subprocess.Popen[bytes]
     log: Path
     key: str = ""  # sent as a bearer token on every call
+    settings: Settings | None = None  # what it was started with (before `env_for`)
 
     def call(self, method: str, path: str, **kw: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self.key}", **kw.pop("headers", {})}
@@ -81,9 +82,16 @@ def wait_until(check: Callable[[], Any], timeout: float, every: float = 0.25) ->
 
 
 @contextlib.contextmanager
-def running_stack(receiver: Receiver, name: str, redis_db: int, **extra_env: str) -> Iterator[Stack]:
+def running_stack(
+    receiver: Receiver,
+    name: str,
+    redis_db: int,
+    env_for: Callable[[Settings], dict[str, str]] = lambda s: {},
+    **extra_env: str,
+) -> Iterator[Stack]:
     """`python -m local.up` on free ports with its own database (`..._<name>`), Redis database
-    and broker prefix, fresh; stopped with SIGTERM, which it must answer by exiting 0."""
+    and broker prefix, fresh; stopped with SIGTERM, which it must answer by exiting 0.
+    `env_for(settings)`: more of its environment, made from its settings."""
     fake_port = free_port()
     settings = base_settings(
         database_url=base_settings().database_url.replace("_test", f"_{name}"),
@@ -95,7 +103,7 @@ def running_stack(receiver: Receiver, name: str, redis_db: int, **extra_env: str
     )
     c = fresh_state(Container(settings))
     log = Path(tempfile.mkstemp(prefix=f"airl-{name}-", suffix=".log")[1])
-    env = stack_env(settings, **extra_env)
+    env = stack_env(settings, **env_for(settings), **extra_env)
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "local.up"],
@@ -108,7 +116,8 @@ def running_stack(receiver: Receiver, name: str, redis_db: int, **extra_env: str
     try:
         wait_until(lambda: proc.poll() is not None or b"is running" in log.read_bytes(), 90)
         assert proc.poll() is None, log.read_text()
-        yield Stack(api, f"http://127.0.0.1:{settings.fake_provider_port}", proc, log, settings.admin_api_key)
+        fake = f"http://127.0.0.1:{settings.fake_provider_port}"
+        yield Stack(api, fake, proc, log, settings.admin_api_key, settings)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
