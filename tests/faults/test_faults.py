@@ -263,6 +263,30 @@ def test_the_provider_fails_every_call_for_two_seconds(faulty: Faulty) -> None:
     assert fake_stats(f, keys["fake"])["server_errors"] > 0 and counts(f, bid) == {"completed": n}
 
 
+def test_the_provider_answers_nothing_for_three_seconds(faulty: Faulty) -> None:
+    """Requests that arrive while the provider hangs get no answer before the call's deadline
+    (PROVIDER_TIMEOUT_S, 60 s): they time out and are tried again."""
+    f, n = faulty, 200
+    q, _ = queue(f, limit=40)
+    bid = batch(f, q, n, latency_ms=0)  # each answer's time is the fake's, set below
+    f.stack.configure_fake(latency_ms=50, jitter_ms=0)
+    wait_until(lambda: counts(f, bid).get("completed", 0) >= 20, 60)
+    f.stack.configure_fake(latency_ms=120_000, jitter_ms=0, max_latency_ms=120_000)
+    try:
+        time.sleep(3.0)
+    finally:
+        f.stack.configure_fake(latency_ms=50, jitter_ms=0)
+    took = finished(f, bid, 180)
+    hung = rows(f, "SELECT count(*) AS n FROM messages WHERE batch_id = %s AND tries > 1", bid)[0]["n"]
+    record(
+        "provider hangs for 3 s",
+        timed_out_and_retried=hung,
+        failed=counts(f, bid).get("failed", 0),
+        finished_after_s=round(took, 1),
+    )
+    assert hung > 0 and counts(f, bid) == {"completed": n}
+
+
 def test_one_provider_of_two_out_of_quota(faulty: Faulty) -> None:
     f, n = faulty, 60
     q, keys = queue(f, "dry", "wet", limit=100)

@@ -29,10 +29,13 @@ def test_queues_are_durable_quorum_queues_with_a_dead_letter_queue(container: Co
     try:
         ch.queue_declare(names.main, passive=True)  # type: ignore[attr-defined]
         ch.queue_declare(names.dead_letter, passive=True)  # type: ignore[attr-defined]
-        # Redeclaring as a classic queue is refused: it really is a quorum queue.
-        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
-            ch.queue_declare(names.main, durable=True)  # type: ignore[attr-defined]
-        assert err.value.reply_code == 406
+        # Redeclaring as a classic queue is refused: it really is a quorum queue, and so are
+        # the delay queues.
+        for name in (names.main, names.delay_for(30)):
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker) as err:
+                ch.queue_declare(name, durable=True)  # type: ignore[attr-defined]
+            assert err.value.reply_code == 406
+            ch = conn.channel()
     finally:
         conn.close()
     container.broker.delete(names)
@@ -98,10 +101,10 @@ def test_delays_round_up_to_a_delay_queue() -> None:
     from ai_rate_limiter.domain.names import broker_names
 
     names = broker_names("airl", "default", "q")
-    assert names.delay_for(0.2) == names.delay_for(1) == "airl.default.q.delay.1s"
-    assert names.delay_for(1.5) == "airl.default.q.delay.5s"
-    assert names.delay_for(931) == "airl.default.q.delay.1800s"
-    assert names.delay_for(99_999) == "airl.default.q.delay.1800s"  # the longest, then again
+    assert names.delay_for(0.2) == names.delay_for(1) == "airl.default.q.later.1s"
+    assert names.delay_for(1.5) == "airl.default.q.later.5s"
+    assert names.delay_for(931) == "airl.default.q.later.1800s"
+    assert names.delay_for(99_999) == "airl.default.q.later.1800s"  # the longest, then again
 
 
 def test_delayed_messages_come_back_to_the_main_queue(container: Container) -> None:
@@ -123,7 +126,7 @@ def test_delayed_messages_come_back_to_the_main_queue(container: Container) -> N
 def test_deleting_removes_every_queue_of_it(container: Container) -> None:
     names = container.names("default", declare(container))
     container.broker.delete(names)
-    for name in (names.main, names.delay, *(n for _, n in names.delays()), names.dead_letter):
+    for name in (names.main, *(n for _, n in names.delays()), names.dead_letter):
         conn, ch = channel(container)
         with pytest.raises(pika.exceptions.ChannelClosedByBroker):
             ch.queue_declare(name, passive=True)  # type: ignore[attr-defined]

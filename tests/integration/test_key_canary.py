@@ -138,7 +138,7 @@ def broker_bodies(c: Container, queue_ids: list[str]) -> list[bytes]:
         for q in queue_ids:
             names = c.names(T, q)
             delays = [n for _, n in names.delays()]
-            for name in (*names.shards(4), names.delay, *delays, names.dead_letter):
+            for name in (*names.shards(4), *delays, *names.legacy_delays(), names.dead_letter):
                 try:
                     ch.queue_declare(name, passive=True)
                 except pika.exceptions.ChannelClosedByBroker:

@@ -32,10 +32,16 @@ RECOVERABLE: tuple[type[BaseException], ...] = (pika.exceptions.AMQPError, OSErr
 
 
 def delay_arguments(names: BrokerNames, seconds: int) -> dict[str, Any]:
+    """A quorum queue whose messages go back to the main queue after `seconds`: dead-lettered
+    at least once (the broker keeps a message until the main queue has it), which takes
+    refusing publishes when the queue is full rather than dropping its oldest."""
     return {
+        "x-queue-type": "quorum",
         "x-message-ttl": seconds * 1000,
         "x-dead-letter-exchange": "",
         "x-dead-letter-routing-key": names.main,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
     }
 
 
@@ -204,7 +210,7 @@ class Broker:
             raise AssertionError("unreachable")
 
     def declare(self, names: BrokerNames, shards: int = 1) -> None:
-        """The queue's dead-letter queue, its shards (shard 0 is `main`) and its delay queue."""
+        """The queue's dead-letter queue, its shards (shard 0 is `main`) and its delay queues."""
 
         def op(ch: BlockingChannel) -> None:
             ch.queue_declare(names.dead_letter, durable=True, arguments={"x-queue-type": "quorum"})
@@ -219,14 +225,6 @@ class Broker:
                         "x-delivery-limit": DELIVERY_LIMIT,
                     },
                 )
-            ch.queue_declare(
-                names.delay,  # per-message delays, as queues made before the ones below used
-                durable=True,
-                arguments={
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": names.main,
-                },
-            )
             for seconds, name in names.delays():
                 ch.queue_declare(name, durable=True, arguments=delay_arguments(names, seconds))
 
@@ -235,7 +233,7 @@ class Broker:
     def delete(self, names: BrokerNames, shards: int = 1) -> None:
         def op(ch: BlockingChannel) -> None:
             delays = [name for _, name in names.delays()]
-            for name in (*names.shards(shards), names.delay, *delays, names.dead_letter):
+            for name in (*names.shards(shards), *delays, *names.legacy_delays(), names.dead_letter):
                 ch.queue_delete(name)
                 self._declared.discard(name)
 

@@ -24,8 +24,14 @@ class BrokerNames:
         """(seconds, name) of the delay queues: each holds its messages for as long as its name
         says and then gives them back to the main queue. One delay per queue keeps them in order
         of expiry, so none waits behind a longer one (as in one queue of per-message delays,
-        where a message expires only once it reaches the head)."""
-        return [(s, f"{self.delay}.{s}s") for s in DELAY_BUCKETS_S]
+        where a message expires only once it reaches the head). They are quorum queues, as
+        the main queue is: replicated, and a deferred message outlives a broker node."""
+        return [(s, f"{self.main}.later.{s}s") for s in DELAY_BUCKETS_S]
+
+    def legacy_delays(self) -> list[str]:
+        """The delay queues of earlier versions (classic queues): the per-message one and the
+        fixed ones. What they still hold goes back to the main queue; nothing new goes in."""
+        return [self.delay, *(f"{self.delay}.{s}s" for s in DELAY_BUCKETS_S)]
 
     def delay_for(self, seconds: float) -> str:
         """The delay queue for a wait of `seconds`: the shortest that is as long (the longest
