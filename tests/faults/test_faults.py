@@ -17,17 +17,15 @@ from typing import Any
 import httpx
 import pytest
 from ai_rate_limiter.bootstrap import Container
-from ai_rate_limiter.config import Settings
 from ai_rate_limiter.services import dispatch, invocation, messages, processing
 
 from tests.conftest import FakeProvider, random_key
-from tests.e2e.conftest import wait_until
+from tests.e2e.conftest import stack_env, wait_until
 from tests.integration.conftest import make_queue, take_event
 
 from .conftest import Faulty, record
 
 pytestmark = pytest.mark.faults
-ROOT = Path(__file__).resolve().parents[2]
 T = "default"
 
 
@@ -346,7 +344,7 @@ setattr(c.store if {step!r} == "batch_published" else c.broker, {step!r}, lambda
 batch = {{"queue_id": {q!r}, "messages": [{{"prompt": f"p{{i}}"}} for i in range({n})]}}
 messages.submit(c, "default", batch)
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **service_env(f.c.settings)}
+    env = stack_env(f.c.settings)
     done = subprocess.run([sys.executable, "-c", script], env=env, timeout=60, capture_output=True, text=True)
     assert done.returncode == 9, done.stderr
     [b] = rows(f, "SELECT id::text FROM batches WHERE queue_id = %s", q)
@@ -364,20 +362,6 @@ messages.submit(c, "default", batch)
         finished_after_s=round(took, 1),
     )
     assert counts(f, b["id"]) == {"completed": n} and calls == n
-
-
-def service_env(s: Settings) -> dict[str, str]:
-    """The environment a process of our own needs to reach what `s` names."""
-    return {
-        "DATABASE_URL": s.database_url,
-        "REDIS_URL": s.redis_url,
-        "RABBITMQ_URL": s.rabbitmq_url,
-        "BROKER_PREFIX": s.broker_prefix,
-        "PROVIDER_KEY_SECRETS": s.provider_key_secrets,
-        "ADMIN_API_KEY": s.admin_api_key,
-        "EGRESS_ALLOW": s.egress_allow,
-        "LOG_LEVEL": "WARNING",
-    }
 
 
 # -- in one process and the services, without the stack ----------------------------------------
@@ -399,7 +383,7 @@ from ai_rate_limiter.services import invocation
 event = json.loads(sys.stdin.read())
 print(json.dumps(invocation.handle_event(Container(Settings.from_env()), event, 120)), flush=True)
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **service_env(container.settings)}
+    env = stack_env(container.settings)
     worker = subprocess.Popen(
         [sys.executable, "-c", script], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
