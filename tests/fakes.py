@@ -259,6 +259,7 @@ class StoredMessage:
     result: ProviderResult | None = None
     unpublished: bool = False  # released and its delayed copy not confirmed yet: the relay's
     dead_lettered: bool = False
+    claim_token: str | None = None
 
 
 class MemoryStore:
@@ -323,17 +324,22 @@ class MemoryStore:
         row.update(status=status, status_detail=detail)
         return True
 
-    def claim(self, ids: Sequence[str], lease_s: float) -> list[ClaimedMessage]:
-        now, claimed = self.clock.monotonic(), []
+    def claim(self, ids: Sequence[str], lease_s: float, token: str | None = None) -> list[ClaimedMessage]:
+        now, claimed, token = self.clock.monotonic(), [], token or str(uuid.uuid4())
         for mid in dict.fromkeys(ids):
             m = self.messages.get(mid)
-            if m is None or not (
-                m.status == "queued"
-                or (m.status == "processing" and m.lease_until is not None and m.lease_until < now)
-            ):
+            if m is None:
                 continue
-            m.tries += m.status == "processing"  # a lease that ran out is a try spent
-            m.status, m.attempt, m.lease_until = "processing", m.attempt + 1, now + lease_s
+            if m.status == "processing" and m.claim_token == token:  # this claim, tried again
+                m.lease_until = now + lease_s
+            elif m.status == "queued" or (
+                m.status == "processing" and m.lease_until is not None and m.lease_until < now
+            ):
+                m.tries += m.status == "processing"  # a lease that ran out is a try spent
+                m.status, m.attempt, m.lease_until = "processing", m.attempt + 1, now + lease_s
+                m.claim_token = token
+            else:
+                continue
             claimed.append(
                 ClaimedMessage(
                     m.id, m.tenant_id, m.queue_id, m.batch_id, m.request, m.attempt, m.tries, m.last_error
@@ -396,6 +402,9 @@ class MemoryStore:
 
     def release(self, msg: ClaimedMessage, note: str | None = None) -> bool:
         m = self._held(msg)
+        again = self.messages.get(msg.id)
+        if m is None and again is not None and again.attempt == msg.attempt and again.status == "queued":
+            m = again if again.unpublished else None  # released already, its copy still to come
         if m is None:
             return False
         m.status, m.lease_until, m.unpublished = "queued", None, True

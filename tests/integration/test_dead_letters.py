@@ -118,11 +118,11 @@ def test_a_postgres_blip_while_claiming_is_waited_out(
     mid = submit(container, q, "blip")
     real, calls = container.store.claim, []
 
-    def blipping(ids: Any, lease_s: float) -> Any:
+    def blipping(ids: Any, lease_s: float, token: str | None = None) -> Any:
         calls.append(ids)
         if len(calls) <= 2:
             raise DependencyUnavailable("postgres: connection refused")
-        return real(ids, lease_s)
+        return real(ids, lease_s, token)
 
     monkeypatch.setattr(container.store, "claim", blipping)
     assert invocation.handle_event(container, take_event(container, q, 1), 30) == {"completed": 1}
@@ -136,10 +136,43 @@ def test_a_claim_that_stays_down_fails_the_event_and_releases_nothing_it_did_not
     mid = submit(container, q, "down")
     monkeypatch.setattr(invocation, "CLAIM_RETRY_S", 0.5)
 
-    def down(ids: Any, lease_s: float) -> Any:
+    def down(ids: Any, lease_s: float, token: str | None = None) -> Any:
         raise DependencyUnavailable("postgres: connection refused")
 
     monkeypatch.setattr(container.store, "claim", down)
     with pytest.raises(DependencyUnavailable):
         invocation.handle_event(container, take_event(container, q, 1), 30)
     assert row(container, mid)["status"] == "queued"
+
+
+def test_a_claim_tried_again_with_its_token_returns_what_it_took_and_takes_nothing_held(
+    container: Container, fake: FakeProvider
+) -> None:
+    q = make_queue(container, fake.url)
+    ids = [submit(container, q, p) for p in "ab"]
+    token = "00000000-0000-4000-8000-00000000000a"
+    [first] = container.store.claim(ids[:1], 20.0, token)
+    again = container.store.claim(ids, 20.0, token)
+    assert sorted(m.id for m in again) == sorted(ids)
+    assert [(m.attempt, m.tries) for m in again if m.id == first.id] == [(first.attempt, first.tries)]
+    assert container.store.claim(ids, 20.0) == []  # another claim: both are held
+    set_row(container, ids[0], "lease_until = now() - interval '1 second'")
+    [taken] = container.store.claim(ids, 20.0)  # the lease ran out: another claim takes it over
+    assert (taken.id, taken.attempt, taken.tries) == (ids[0], first.attempt + 1, first.tries + 1)
+    assert container.store.claim(ids, 20.0, token) == [
+        m for m in again if m.id == ids[1]
+    ]  # the first claim keeps only what is still its own
+
+
+def test_a_release_tried_again_after_its_reply_was_lost_still_leads_to_its_publish(
+    container: Container, fake: FakeProvider
+) -> None:
+    q = make_queue(container, fake.url)
+    mid = submit(container, q, "later")
+    [m] = container.store.claim([mid], 20.0)
+    assert container.store.release(m, "deferred")
+    assert container.store.release(m, "deferred")  # its copy is still to be published
+    container.store.published([mid])
+    assert not container.store.release(m, "deferred")  # published: nothing more to do
+    [taken] = container.store.claim([mid], 20.0)
+    assert not container.store.release(m, None) and container.store.release(taken, None)

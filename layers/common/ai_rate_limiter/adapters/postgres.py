@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -715,23 +716,39 @@ class Store:
             )
             return cur.rowcount == 1
 
-    def claim(self, ids: Sequence[str], lease_s: float) -> list[ClaimedMessage]:
+    def claim(self, ids: Sequence[str], lease_s: float, token: str | None = None) -> list[ClaimedMessage]:
         """Take the lease on every message that is queued (or whose lease ran out). A lease that
         ran out counts as a try: the attempt that held it ended without an outcome (its worker
-        died or stalled), so a message that kills its worker runs out of tries too."""
+        died or stalled), so a message that kills its worker runs out of tries too.
+
+        `token` names the claim: tried again with the same token (its first try may have
+        committed with its reply lost), it also returns what that try took, as it took it."""
         if not ids:
             return []
         with self.db.tx() as cur:
             cur.execute(
-                """UPDATE messages SET status = 'processing', attempt = attempt + 1,
-                          tries = tries + (status = 'processing')::int,
-                          lease_until = now() + make_interval(secs => %s),
-                          started_at = coalesce(started_at, now()), updated_at = now()
-                   WHERE id = ANY(%s::uuid[])
-                     AND (status = 'queued' OR (status = 'processing' AND lease_until < now()))
-                   RETURNING id::text, tenant_id, queue_id, batch_id::text, request, attempt, tries,
-                             last_error""",
-                (lease_s, list(ids)),
+                """WITH again AS (
+                       UPDATE messages SET lease_until = now() + make_interval(secs => %(lease_s)s),
+                              updated_at = now()
+                       WHERE id = ANY(%(ids)s::uuid[]) AND status = 'processing'
+                         AND claim_token = %(token)s
+                       RETURNING id::text, tenant_id, queue_id, batch_id::text, request, attempt, tries,
+                                 last_error
+                   ), taken AS (
+                       UPDATE messages SET status = 'processing', attempt = attempt + 1,
+                              tries = tries + (status = 'processing')::int,
+                              lease_until = now() + make_interval(secs => %(lease_s)s),
+                              started_at = coalesce(started_at, now()), updated_at = now(),
+                              claim_token = %(token)s
+                       WHERE id = ANY(%(ids)s::uuid[])
+                         AND (status = 'queued'
+                              OR (status = 'processing' AND lease_until < now()
+                                  AND claim_token IS DISTINCT FROM %(token)s))
+                       RETURNING id::text, tenant_id, queue_id, batch_id::text, request, attempt, tries,
+                                 last_error
+                   )
+                   SELECT * FROM again UNION ALL SELECT * FROM taken""",
+                {"lease_s": lease_s, "ids": list(ids), "token": token or str(uuid.uuid4())},
             )
             rows = cur.fetchall()
         return [
@@ -896,13 +913,16 @@ class Store:
     def release(self, msg: ClaimedMessage, note: str | None = None) -> bool:
         """Give the message back to the queue (deferred work), keeping its attempt count. Its
         copy on the broker is to come (`published` says when it has): until then it is the
-        relay's, as a new message is. One whose batch was cancelled meanwhile is cancelled."""
+        relay's, as a new message is. One whose batch was cancelled meanwhile is cancelled.
+        Released already under this attempt and not yet published (the reply to that release
+        was lost), it is released again: its copy is still to be published."""
         with self.db.tx() as cur:
             cur.execute(
                 """UPDATE messages m SET status = 'queued', lease_until = NULL, updated_at = now(),
                           last_error = coalesce(%s, last_error),
                           relay_after = now() + make_interval(secs => %s)
-                   WHERE id = %s AND attempt = %s AND status = 'processing'
+                   WHERE id = %s AND attempt = %s
+                     AND (status = 'processing' OR (status = 'queued' AND relay_after IS NOT NULL))
                    RETURNING batch_id""",
                 (note, RELAY_AFTER_S, msg.id, msg.attempt),
             )
