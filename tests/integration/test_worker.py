@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ai_rate_limiter.adapters.postgres import provider_from_row, stored_api_key
@@ -94,6 +95,69 @@ def test_a_redelivered_completed_message_is_not_sent_again(container: Container,
         m[0]["redelivered"] = True
     assert invocation.handle_event(container, event, 30) == {"skipped": 1}
     assert fake.stats()["total"]["requests"] == 1
+
+
+def test_a_redelivery_of_a_message_leased_elsewhere_comes_back_before_the_lease_ends(
+    container: Container, fake: FakeProvider
+) -> None:
+    """Its holder may have died: the copy waits in the longest delay queue that ends before
+    the lease does (and is parked again while the lease runs), not in one that ends after."""
+    q = make_queue(container, fake.url)
+    [mid] = submit(container, q, "held")
+    event = take_event(container, q, 1)
+    container.store.claim([mid], lease_s=18.0)  # another invocation holds it
+    assert invocation.handle_event(container, event, 30) == {"skipped": 1, "parked": 1}
+    names = container.names(T, q)
+    assert [container.broker.ready(name) for _, name in names.delays()] == [0, 1, 0, 0, 0, 0]
+    assert fake.stats()["total"]["requests"] == 0
+
+
+def test_a_claim_whose_reply_was_lost_is_tried_again_and_keeps_what_it_took(
+    container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim commits and the connection drops before its reply: tried again, it gets the
+    messages it took (not taken for another worker's and parked until their lease ends), each
+    under the same attempt, with no try counted."""
+    q = make_queue(container, fake.url)
+    ids = submit(container, q, "a", "b")
+    real, tries = container.store.claim, []
+
+    def lost_reply(ids: Any, lease_s: float, token: str | None = None) -> Any:
+        tries.append(token)
+        got = real(ids, lease_s, token)
+        if len(tries) == 1:
+            raise DependencyUnavailable("postgres: server closed the connection unexpectedly")
+        return got
+
+    monkeypatch.setattr(container.store, "claim", lost_reply)
+    assert run(container, q, 2) == {"completed": 2}
+    assert len(tries) == 2 and tries[0] == tries[1] is not None
+    assert [(r["attempts"], r["status"]) for r in (messages.read(container, T, i) for i in ids)] == [
+        (1, "completed")
+    ] * 2
+    assert fake.stats()["total"]["requests"] == 2 and parked(container, q) == 0
+
+
+def test_finishing_a_batch_through_a_postgres_blip_fails_nothing(
+    container: Container, fake: FakeProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The invocation's own bookkeeping blips: it goes on, and the batch is finished once
+    Postgres answers again."""
+    q = make_queue(container, fake.url)
+    ids = submit(container, q, "a", "b", "c")
+    real, tried = container.store.finish_batch_if_done, []
+
+    def blipping(batch_id: str) -> bool:
+        tried.append(batch_id)
+        if len(tried) <= 2:
+            raise DependencyUnavailable("postgres: server closed the connection unexpectedly")
+        return real(batch_id)
+
+    monkeypatch.setattr(container.store, "finish_batch_if_done", blipping)
+    assert run(container, q, 3) == {"completed": 3}
+    assert len(tried) >= 3
+    batch_id = messages.read(container, T, ids[0])["batch_id"]
+    assert container.store.get_batch(T, batch_id)["finished_at"] is not None
 
 
 def test_a_rejected_request_fails_at_once_with_the_providers_message(

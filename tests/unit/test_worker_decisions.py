@@ -654,26 +654,46 @@ def test_a_message_leaves_no_reference_cycle_behind(ports: FakePorts) -> None:
         gc.enable()
 
 
-def test_a_paid_answer_is_stored_through_a_postgres_blip(ports: FakePorts) -> None:
-    """Postgres unreachable for a moment as the answer comes: it is stored once Postgres is
-    back, and the provider is not paid twice."""
-    p = queue(ports)
-    mid = ports.store.add_message(Q)
-    ports.providers.script(p.id, answer("kept"))
-    store = ports.store.complete
-    blips = deque([DependencyUnavailable("postgres: connection reset")] * 3)
+BLIPS = [
+    # (the write that blips, what the provider answers, the outcome, the message's status)
+    ("complete", [answer("kept")], "completed", "completed"),
+    ("renew", [ProviderUnavailable("fake: HTTP 500"), answer("kept")], "completed", "completed"),
+    ("fail", [ProviderRejected("fake: HTTP 400: bad request")], "failed", "failed"),
+    ("set_provider_status", [QuotaExhausted("fake: HTTP 429: insufficient_quota")], "failed", "failed"),
+    ("release", [], "deferred", "queued"),
+]
 
-    def blipping(*args: object) -> bool:
+
+@pytest.mark.parametrize(("write", "script", "outcome", "status"), BLIPS, ids=[b[0] for b in BLIPS])
+def test_each_write_of_a_messages_progress_rides_through_a_postgres_blip(
+    ports: FakePorts, write: str, script: list[Outcome], outcome: str, status: str
+) -> None:
+    """Postgres unreachable for a moment as the message's progress is written (its answer, a
+    counted try, its failure, its provider out of quota, its deferral): written once Postgres
+    is back, with growing pauses; nothing is lost, its neighbours go on, no call is repeated."""
+    p = queue(ports, **({"request_limit": 1, "time_window": 30.0} if write == "release" else {}))
+    if write == "release":  # another worker took the only slot: the message is deferred
+        ports.limiter.reserve([provider_limits(p, headroom(ports))], 0)
+    mid = ports.store.add_message(Q)
+    ports.providers.script(p.id, *script)
+    real = getattr(ports.store, write)
+    blips = deque([DependencyUnavailable("postgres: connection reset")] * 3)
+    tried = []
+
+    def blipping(*args: object, **kwargs: object) -> object:
+        tried.append(args)
         if blips:
             raise blips.popleft()
-        return store(*args)  # type: ignore[arg-type]
+        return real(*args, **kwargs)
 
-    ports.store.complete = blipping  # type: ignore[method-assign,assignment]
-    t0 = ports.clock.now_us
+    setattr(ports.store, write, blipping)
 
-    assert run(ports, mid) == "completed"
-    assert len(ports.providers.calls) == 1 and ports.store.messages[mid].result is not None
-    assert ports.clock.now_us - t0 == us(0.1 + 0.2 + 0.4)  # growing pauses
+    assert run(ports, mid, deadline_s=20.0, call_budget_s=5.0) == outcome
+    assert len(tried) == 4 and not blips
+    assert ports.store.messages[mid].status == status
+    assert len(ports.providers.calls) == len(script)  # not one call more
+    if write == "set_provider_status":
+        assert ports.store.providers[p.id]["status"] == "quota_exhausted"
 
 
 def test_a_paid_answer_that_cannot_be_stored_in_time_raises_for_the_event_to_come_again(
@@ -690,4 +710,4 @@ def test_a_paid_answer_that_cannot_be_stored_in_time_raises_for_the_event_to_com
     t0 = ports.clock.now_us
     with pytest.raises(DependencyUnavailable):
         run(ports, mid)
-    assert 25 <= (ports.clock.now_us - t0) / 1e6 <= 30  # KEEP_ANSWER_S, then it gives up
+    assert 25 <= (ports.clock.now_us - t0) / 1e6 <= 30  # STEADY_S, then it gives up

@@ -39,6 +39,12 @@ class BrokerNames:
         return next((name for s, name in self.delays() if s >= seconds), self.delays()[-1][1])
 
 
+def at_most(seconds: float) -> int:
+    """The longest delay queue's wait that is not longer than `seconds` (the shortest if all
+    are): for a message that may come back early and wait again, as one held elsewhere may."""
+    return max((s for s in DELAY_BUCKETS_S if s <= seconds), default=DELAY_BUCKETS_S[0])
+
+
 def broker_names(prefix: str, tenant_id: str, queue_id: str) -> BrokerNames:
     main = f"{prefix}.{tenant_id}.{queue_id}"
     return BrokerNames(main=main, dead_letter=f"{main}.dlq", delay=f"{main}.delay")

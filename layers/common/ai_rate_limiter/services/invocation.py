@@ -16,33 +16,36 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, wait
-from typing import Any
+from typing import Any, TypeVar
 
 from ..adapters.postgres import provider_from_row
 from ..adapters.rabbitmq import QueueReader
 from ..bootstrap import Container
 from ..domain.limits import Headroom, provider_limits
 from ..domain.models import ClaimedMessage, Provider
-from ..domain.names import parse_shard
+from ..domain.names import at_most, parse_shard
 from ..domain.rmq_event import Delivery, parse_event
-from ..errors import NotFound
+from ..errors import DependencyUnavailable, LimiterUnavailable, NotFound
 from . import dispatch, monitoring
 from .intake import Intake
 from .processing import LEASE_S, SAFETY_S, SHUTTING_DOWN, Deadline, process, quietly, through_blips
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 PUMP_S = 0.05  # the longest the reading thread leaves the broker connection and acks waiting
 MAX_TAKE = 50  # messages claimed in one query
 # A message is leased for LEASE_S, and the invocation working on it extends that every
 # LEASE_RENEW_S while it runs: one that dies (or loses Postgres) leaves its messages to the
 # next claim within LEASE_S, not when its whole time would have run out.
 LEASE_RENEW_S = 5.0
-# While Postgres is unreachable a claim is tried again, with growing pauses, for this long:
-# an event failed at once would be delivered again at once, each time counted towards the
-# broker's delivery limit.
+# While Postgres is unreachable a claim (and the invocation's other reads and writes) is tried
+# again, with growing pauses, for this long: an event failed at once would be delivered again
+# at once, each time counted towards the broker's delivery limit, and its messages still
+# leased would wait for their leases to end.
 CLAIM_RETRY_S = 20.0
 
 
@@ -96,12 +99,8 @@ class Invocation:
         and one another worker still leases comes back when that lease ends."""
         if not ids:
             return
-        claimed = through_blips(
-            lambda: self.c.store.claim(ids, lease_s=LEASE_S),
-            CLAIM_RETRY_S,
-            lambda: self.stop_at - time.monotonic(),
-            "claiming messages",
-        )
+        token = str(uuid.uuid4())  # the same for each try: one whose reply was lost took them already
+        claimed = self.steadily("claiming messages", lambda: self.c.store.claim(ids, LEASE_S, token))
         got = {m.id for m in claimed}
         spent = [m for m in claimed if m.tries >= self.c.settings.max_attempts]
         claimed = [m for m in claimed if m.tries < self.c.settings.max_attempts]
@@ -117,7 +116,7 @@ class Invocation:
         for m in spent:  # its leases ended without an outcome until no try was left
             self.dead_letter(m, tags)
         if len(got) < len(ids):
-            parked = park_held(self.c, set(ids) - got)
+            parked = self.steadily("parking held messages", lambda: park_held(self.c, set(ids) - got))
             with self.lock:
                 self.outcomes["skipped"] += len(ids) - len(got)
                 self.outcomes["parked"] += parked
@@ -129,7 +128,9 @@ class Invocation:
         """A message claimed with no try left (one that kills or stalls its worker every time
         comes here) is failed and dead-lettered, with the last error it had."""
         error = f"gave up after {m.tries} attempts: {m.last_error or 'no attempt ended with an outcome'}"
-        dead = self.c.store.fail(m, error, None, counted=False, dead_letter=True)
+        dead = self.steadily(
+            "dead-lettering", lambda: self.c.store.fail(m, error, None, False, dead_letter=True)
+        )
         with self.lock:
             self.outcomes["dead_lettered" if dead else "lost"] += 1
             if m.batch_id:
@@ -137,23 +138,32 @@ class Invocation:
         if tags is not None:
             self.finished.put(tags[m.id])
 
+    def steadily(self, what: str, action: Callable[[], T]) -> T:
+        """`action()`, tried again while Postgres blips, for at most CLAIM_RETRY_S and while
+        the invocation may still take work."""
+        return through_blips(action, CLAIM_RETRY_S, lambda: self.stop_at - time.monotonic(), what)
+
     def providers_of(self, tenant: str, queue_id: str) -> list[Provider]:
         key = (tenant, queue_id)
         providers = self.providers.get(key)
         if providers is None:
-            rows = self.c.store.queue_providers(*key)
+            rows = self.steadily("loading providers", lambda: self.c.store.queue_providers(*key))
             providers = self.providers[key] = [provider_from_row(r, w) for r, w in rows]
             self.c.providers.prepare([p for p in providers if p.status == "active"])
         return providers
 
     def next_slot_in(self, tenant: str, queue_id: str) -> float:
-        """Seconds until the queue's soonest provider has a slot (nothing is reserved)."""
+        """Seconds until the queue's soonest provider has a slot (nothing is reserved); 0 when
+        the limiter cannot say (a message taken then waits for it, as `process` has it)."""
         s = self.c.settings
         headroom = Headroom(s.limiter_guard_s, s.limiter_margin)
         usable = [p for p in self.providers_of(tenant, queue_id) if p.status == "active"]
         if not usable:
             return 0.0
-        return self.c.limiter.reserve([provider_limits(p, headroom) for p in usable], -1.0).wait_s
+        try:
+            return self.c.limiter.reserve([provider_limits(p, headroom) for p in usable], -1.0).wait_s
+        except LimiterUnavailable:
+            return 0.0
 
     def start(self, m: ClaimedMessage, tag: int | None) -> None:
         key = (m.tenant_id, m.queue_id)
@@ -190,7 +200,7 @@ class Invocation:
         if parsed is None:
             return
         tenant, queue_id, shard = parsed
-        rows = self.c.store.queue_workers(tenant, queue_id)
+        rows = self.steadily("reading the queue", lambda: self.c.store.queue_workers(tenant, queue_id))
         if not rows:
             return
         shards = self.c.names(tenant, queue_id).shards(max(rows[0]["shards"], shard + 1))
@@ -279,10 +289,18 @@ class Invocation:
             quietly(self.c.store.extend_leases, held, LEASE_S)
 
     def finish_batches(self) -> None:
+        """Finish the batches with news that are done; while Postgres blips, they are looked
+        at again next time (and the sweeper finishes what an invocation could not)."""
         with self.lock:
-            batches, self.batches = self.batches, set()
-        for batch_id in batches:
-            self.c.store.finish_batch_if_done(batch_id)
+            batches, self.batches = list(self.batches), set()
+        for i, batch_id in enumerate(batches):
+            try:
+                self.c.store.finish_batch_if_done(batch_id)
+            except DependencyUnavailable as exc:
+                log.warning("finishing batches failed; again later: %s", exc.detail)
+                with self.lock:
+                    self.batches.update(batches[i:])
+                return
 
     def drain(self) -> None:
         while any(not f.done() for f in self.futures):
@@ -297,9 +315,12 @@ class Invocation:
 
 
 def park_held(c: Container, ids: set[str]) -> int:
-    """A redelivered message another worker still leases comes back once that lease ends,
-    so it is not lost if that worker died."""
+    """A redelivered message another worker still leases comes back as that lease ends, so it
+    is not lost if that worker died: from the longest delay queue not past the lease's end
+    (one that comes back while the lease still runs is parked again), never a delay queue's
+    step beyond it."""
     held = c.store.held_elsewhere(sorted(ids))
     for row in held:
-        dispatch.publish_later(c, row["tenant_id"], row["queue_id"], row["id"], row["lease_left_s"] + 1.0)
+        wait_s = at_most(row["lease_left_s"] + 1.0)
+        dispatch.publish_later(c, row["tenant_id"], row["queue_id"], row["id"], wait_s)
     return len(held)

@@ -37,7 +37,7 @@ MAX_LATE_WAKEUPS = 5
 RETIME_WAIT_S = 1.0  # a request late at its departure waits this long at most for a fresh slot
 LIMITER_RETRY_S = 5.0  # how long a message waits when Redis is unreachable
 LEASE_S = 20.0  # a message's lease, which its invocation extends while it works on it
-KEEP_ANSWER_S = 30.0  # how long a paid answer is tried to be stored while Postgres blips
+STEADY_S = 30.0  # how long a write of a message's progress is tried again while a dependency blips
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,9 @@ def process(
         # Without the shared limiter nothing may be sent: the message waits, nothing fails.
         log.warning("limiter unreachable; message %s waits %.0fs: %s", m.id, LIMITER_RETRY_S, exc.detail)
         try:
-            dispatch.defer(c, held.m, LIMITER_RETRY_S, "waiting for the rate limiter (redis unreachable)")
+            Steady(c, deadline).defer(
+                held.m, LIMITER_RETRY_S, "waiting for the rate limiter (redis unreachable)"
+            )
         except DependencyUnavailable:
             quietly(c.store.release, held.m, None)
             raise
@@ -101,7 +103,7 @@ def process(
         raise
     except Exception as exc:  # a bad message must not fail its neighbours
         log.exception("message %s failed unexpectedly", m.id)
-        return unexpected(c, held.m, f"internal error: {type(exc).__name__}")
+        return unexpected(c, held.m, f"internal error: {type(exc).__name__}", deadline)
 
 
 @dataclass
@@ -111,17 +113,67 @@ class Held:
     m: ClaimedMessage
 
 
-def unexpected(c: WorkerPorts, m: ClaimedMessage, error: str) -> str:
+@dataclass(frozen=True)
+class Steady:
+    """The writes of a message's progress, each tried again while Postgres (or, for a deferral,
+    the broker) blips (`through_blips`, for at most STEADY_S and while the invocation has
+    time): a blip of seconds costs neither the message nor its neighbours anything. Each write
+    is fenced by the message's attempt (a provider's status by its version): one that did
+    commit before its reply was lost does nothing more when tried again, and the message is
+    then taken for lost here, as if its lease had been taken over (the sweeper gives it back
+    once that lease runs out)."""
+
+    c: WorkerPorts
+    deadline: Deadline
+
+    def _steadily(self, what: str, action: Callable[[], T]) -> T:
+        left = lambda: self.deadline.remaining() - SAFETY_S  # noqa: E731
+        return through_blips(action, STEADY_S, left, what, self.c.clock)
+
+    def complete(self, m: ClaimedMessage, provider: Provider, result: ProviderResult) -> bool:
+        """A paid answer: given up, the message comes again and its provider is called again."""
+        return self._steadily(
+            f"storing the answer to {m.id}", lambda: self.c.store.complete(m, provider, result)
+        )
+
+    def fail(
+        self,
+        m: ClaimedMessage,
+        error: str,
+        provider: Provider | None,
+        counted: bool = True,
+        dead_letter: bool = False,
+    ) -> bool:
+        return self._steadily(
+            f"failing {m.id}", lambda: self.c.store.fail(m, error, provider, counted, dead_letter=dead_letter)
+        )
+
+    def renew(self, m: ClaimedMessage, counted: bool, error: str) -> ClaimedMessage | None:
+        return self._steadily(f"renewing {m.id}", lambda: self.c.store.renew(m, LEASE_S, counted, error))
+
+    def defer(self, m: ClaimedMessage, delay_s: float, note: str | None) -> None:
+        self._steadily(f"handing back {m.id}", lambda: dispatch.defer(self.c, m, delay_s, note))
+
+    def provider_status(self, provider: Provider, status: str, error: str) -> None:
+        """Unless the provider's key was replaced since it was loaded."""
+        self._steadily(
+            f"marking {provider.name} {status}",
+            lambda: self.c.store.set_provider_status(provider.id, status, error, provider.version or None),
+        )
+
+
+def unexpected(c: WorkerPorts, m: ClaimedMessage, error: str, deadline: Deadline) -> str:
     """An error of the worker's own while it works on a message spends a try, as a dropped
     connection would: the message comes back after a backoff until its tries are used up,
     and then it is dead-lettered. So one that always crashes ends, and its neighbours go on."""
+    steady = Steady(c, deadline)
     spent = out_of_tries(m.tries, c.settings.max_attempts, error)
     if spent is not None:
-        return "dead_lettered" if c.store.fail(m, spent.error, None, dead_letter=True) else "lost"
-    renewed = c.store.renew(m, LEASE_S, True, error)
+        return "dead_lettered" if steady.fail(m, spent.error, None, dead_letter=True) else "lost"
+    renewed = steady.renew(m, True, error)
     if renewed is None:
         return "lost"
-    dispatch.defer(c, renewed, backoff_s(renewed.tries, floor=0.5), error)
+    steady.defer(renewed, backoff_s(renewed.tries, floor=0.5), error)
     return "deferred"
 
 
@@ -162,10 +214,10 @@ def attempt_until_done(
 ) -> str:
     """The sequence: a slot on the provider that serves soonest, the call, the answer stored;
     after a failed call, what `on_error` decides."""
-    m, s = held.m, c.settings
+    m, s, steady = held.m, c.settings, Steady(c, deadline)
     plan = Plan.of(c, m, providers, ticket.guard_s(s.limiter_guard_s, s.limiter_late_s))
     if not plan.providers:
-        c.store.fail(m, "The queue has no usable provider (deleted or out of quota).", None, counted=False)
+        steady.fail(m, "The queue has no usable provider (deleted or out of quota).", None, counted=False)
         return "failed"
     failing: set[int] = set()  # providers that just failed with 5xx/timeouts: try the others first
     budget = lambda: deadline.remaining() - call_budget - SAFETY_S  # noqa: E731
@@ -174,7 +226,7 @@ def attempt_until_done(
             index, departure, lease = take_provider(c, plan, failing, budget, ticket)
         except Deferral as deferral:
             ticket.no_slot_until(c.clock.monotonic() + deferral.wait_s)
-            dispatch.defer(c, m, deferral.wait_s, None)
+            steady.defer(m, deferral.wait_s, None)
             return "deferred"
         provider = plan.providers[index]
         try:
@@ -186,23 +238,20 @@ def attempt_until_done(
                 ticket.rate_limited(provider.id)
             decision = on_error(exc, m.tries, c.settings.max_attempts)
             if decision.quota_exhausted:
-                # Stopped until it gets a new key: unless the key was replaced since it was loaded.
-                c.store.set_provider_status(
-                    provider.id, "quota_exhausted", decision.error, provider.version or None
-                )
+                steady.provider_status(provider, "quota_exhausted", decision.error)  # until a new key
                 if len(plan.providers) > 1:  # the queue's others take it; the try was not its fault
                     plan, failing = plan.without(index), {j - (j > index) for j in failing if j != index}
                     continue
-            if not carry_out(c, m, plan, index, decision):
+            if not carry_out(c, steady, m, plan, index, decision):
                 return "dead_lettered" if decision.dead_letter else "failed"
             # The try is counted (unless it was a 429) before anything else, so that a message
             # handed back for a pause it cannot wait here still runs out of tries.
-            renewed = c.store.renew(m, LEASE_S, decision.counted, decision.error)
+            renewed = steady.renew(m, decision.counted, decision.error)
             if renewed is None:
                 return "lost"
             m = held.m = renewed
             if decision.pause_s > budget():
-                dispatch.defer(c, m, decision.pause_s, decision.error)
+                steady.defer(m, decision.pause_s, decision.error)
                 return "deferred"
             if decision.avoid_provider:
                 failing.add(index)
@@ -210,7 +259,7 @@ def attempt_until_done(
         else:
             # The answer is paid for: store it first; what the limiter learns from it is best
             # effort (a lost settlement only leaves the schedule more careful than it need be).
-            stored = keep_answer(c, m, provider, result, lambda: deadline.remaining() - SAFETY_S)
+            stored = steady.complete(m, provider, result)
             used = tokens.charged(
                 provider, m.request, result.usage.prompt_tokens, result.usage.completion_tokens
             )
@@ -225,21 +274,6 @@ def attempt_until_done(
                 # see (the write itself, on a busy machine) is what the guard has to cover.
                 write_s = departure.left_at - departure.sent_at
                 ticket.departed(provider.id, departure.left_at - departure.slot_at, write_s)
-
-
-def keep_answer(
-    c: WorkerPorts, m: ClaimedMessage, provider: Provider, result: ProviderResult, left: Callable[[], float]
-) -> bool:
-    """Store a paid answer, trying again while Postgres blips (for as long as the invocation
-    has time and at most KEEP_ANSWER_S): given up, the message comes again and its provider is
-    called again. Whether it was still this attempt's."""
-    return through_blips(
-        lambda: c.store.complete(m, provider, result),
-        KEEP_ANSWER_S,
-        left,
-        f"storing the answer to {m.id}",
-        c.clock,
-    )
 
 
 def through_blips(
@@ -260,7 +294,9 @@ def through_blips(
             pause = min(pause * 2, 2.0)
 
 
-def carry_out(c: WorkerPorts, m: ClaimedMessage, plan: Plan, index: int, decision: OnError) -> bool:
+def carry_out(
+    c: WorkerPorts, steady: Steady, m: ClaimedMessage, plan: Plan, index: int, decision: OnError
+) -> bool:
     """Do what `on_error` decided for the provider, and fail the message if it is not retried;
     whether it is retried."""
     provider = plan.providers[index]
@@ -269,7 +305,7 @@ def carry_out(c: WorkerPorts, m: ClaimedMessage, plan: Plan, index: int, decisio
         c.limiter.settle(settlement(provider, plan.headroom, plan.costs[index], 0))
         c.limiter.push(plan.limits[index], decision.hold_provider_s)
     if not decision.retry:
-        c.store.fail(m, decision.error, provider, dead_letter=decision.dead_letter)
+        steady.fail(m, decision.error, provider, dead_letter=decision.dead_letter)
     return decision.retry
 
 
