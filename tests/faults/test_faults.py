@@ -177,12 +177,18 @@ def test_redis_cut_for_ten_seconds_mid_batch(faulty: Faulty) -> None:
     assert during == 0 and done == {"completed": n} and dead_lettered(f, bid) == 0
 
 
+def failed_events(f: Faulty, since: int) -> int:
+    """Worker events that raised (whole-batch retry) in the stack's log after byte `since`."""
+    return f.stack.log.read_bytes()[since:].count(b"handler failed on")
+
+
 def test_postgres_cut_mid_batch(faulty: Faulty) -> None:
     f, n = faulty, 300
     q, _ = queue(f, limit=40)
     bid = batch(f, q, n, latency_ms=100)
     wait_until(lambda: counts(f, bid).get("completed", 0) >= 40, 60)
     answers: list[tuple[int, str, float]] = []
+    logged = f.stack.log.stat().st_size
     f.postgres.cut()
     try:
         end = time.monotonic() + 8.0
@@ -198,6 +204,7 @@ def test_postgres_cut_mid_batch(faulty: Faulty) -> None:
         f.postgres.restore()
     took = finished(f, bid, 60)
     stored = rows(f, "SELECT count(*) AS n FROM messages WHERE queue_id = %s AND batch_id IS NULL", q)[0]["n"]
+    most_tries = rows(f, "SELECT max(tries) AS n FROM messages WHERE batch_id = %s", bid)[0]["n"]
     record(
         "PostgreSQL down 8 s",
         api_answers=len(answers),
@@ -206,9 +213,15 @@ def test_postgres_cut_mid_batch(faulty: Faulty) -> None:
         slowest_answer_s=round(max(a[2] for a in answers), 2),
         finished_after_restore_s=round(took, 1),
         dead_lettered=dead_lettered(f, bid),
+        failed_events=failed_events(f, logged),
+        most_tries=most_tries,
     )
     assert answers and all(a[0] == 503 and a[1] == "application/problem+json" for a in answers), answers
     assert max(a[2] for a in answers) < 2.0 and stored == 0
+    # Invocations ride out a cut this short: none fails its event, whose messages would then
+    # wait for the leases they still hold elsewhere, and none loses a message it holds (which
+    # would wait for its lease to end, and count a try).
+    assert failed_events(f, logged) == 0 and most_tries == 1
     assert took <= 30 and counts(f, bid) == {"completed": n} and dead_lettered(f, bid) == 0
 
 
