@@ -20,6 +20,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extras
 
+from ..domain.decisions import NO_OUTCOME
 from ..domain.models import ChatRequest, ClaimedMessage, Provider, ProviderResult, ProviderType
 from ..errors import Conflict, DependencyUnavailable, NotFound
 from . import secrets_box
@@ -901,11 +902,16 @@ class Store:
                         finished_at = CASE WHEN due.spent THEN now() END,
                         last_error = CASE WHEN due.spent
                             THEN left(format('gave up after %%s attempts: %%s', m.tries + 1,
-                                 coalesce(m.last_error, 'no attempt ended with an outcome')), 4000)
+                                 coalesce(m.last_error, %(no_outcome)s)), 4000)
                             ELSE m.last_error END
                     FROM due WHERE m.id = due.id
                     RETURNING due.spent""",
-                {"max": max_attempts, "ids": None if ids is None else list(ids), "grace_s": grace_s},
+                {
+                    "max": max_attempts,
+                    "ids": None if ids is None else list(ids),
+                    "grace_s": grace_s,
+                    "no_outcome": NO_OUTCOME,
+                },
             )
             spent = [r["spent"] for r in cur.fetchall()]
         return {"requeued": spent.count(False), "dead_lettered": spent.count(True)}

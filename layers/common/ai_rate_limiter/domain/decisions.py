@@ -23,10 +23,18 @@ class OnError:
     dead_letter: bool = False  # failed because the message used up its tries
 
 
+NO_OUTCOME = "no attempt ended with an outcome"  # a message whose every lease ran out
+
+
+def gave_up(tries: int, detail: str | None) -> str:
+    """Why a message that used up its `tries` failed: what its last try ended with."""
+    return f"gave up after {tries} attempts: {detail or NO_OUTCOME}"
+
+
 def out_of_tries(tries: int, max_attempts: int, detail: str) -> OnError | None:
     """The message fails, dead-lettered, if this try (`tries` before it) was its last."""
     if tries + 1 >= max_attempts:
-        return OnError(False, f"gave up after {tries + 1} attempts: {detail}", dead_letter=True)
+        return OnError(False, gave_up(tries + 1, detail), dead_letter=True)
     return None
 
 

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from ..adapters.postgres import provider_from_row
 from ..adapters.rabbitmq import QueueReader
 from ..bootstrap import Container
+from ..domain.decisions import gave_up
 from ..domain.limits import Headroom, provider_limits
 from ..domain.models import ClaimedMessage, Provider
 from ..domain.names import at_most, parse_shard
@@ -127,7 +128,7 @@ class Invocation:
     def dead_letter(self, m: ClaimedMessage, tags: Mapping[str, int] | None) -> None:
         """A message claimed with no try left (one that kills or stalls its worker every time
         comes here) is failed and dead-lettered, with the last error it had."""
-        error = f"gave up after {m.tries} attempts: {m.last_error or 'no attempt ended with an outcome'}"
+        error = gave_up(m.tries, m.last_error)
         dead = self.steadily(
             "dead-lettering", lambda: self.c.store.fail(m, error, None, False, dead_letter=True)
         )
