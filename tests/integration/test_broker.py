@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
@@ -229,7 +230,7 @@ def test_a_reader_says_when_its_queue_was_deleted(container: Container) -> None:
 
 
 def test_a_publish_after_a_long_pause_opens_a_fresh_connection(
-    container: Container, monkeypatch: pytest.MonkeyPatch
+    container: Container, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A frozen execution environment thaws with its broker connection still looking open, and
     dead: a publish on it would wait for a confirm that never comes. After STALE_S unused, the
@@ -247,6 +248,8 @@ def test_a_publish_after_a_long_pause_opens_a_fresh_connection(
         broker.publish(names.main, [b'{"n": 2}'])
         assert time.monotonic() - started < 5
         assert container.broker.ready(names.main) == 2
+        # The old connection is dropped without a word: nothing is logged as an error.
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     finally:
         broker.close()
         proxy.close()

@@ -184,17 +184,22 @@ class Broker:
         return self._chan
 
     def _reset(self, abandon: bool = False) -> None:
-        """Close the connection; `abandon`: without waiting for the broker to agree, which a
-        dead connection never would (its socket is shut down first)."""
+        """Close the connection; `abandon`: its socket is shut down and closed without a word to
+        the broker, which a dead connection would never answer (and pika would log the failed
+        goodbye as errors); the broker drops its end when that socket closes."""
         conn, self._conn, self._chan = self._conn, None, None
-        if conn is not None and conn.is_open:
-            if abandon:
-                sock = getattr(getattr(conn._impl, "_transport", None), "_sock", None)
-                if sock is not None:
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(*RECOVERABLE):
-                conn.close()
+        if conn is None or not conn.is_open:
+            return
+        sock = getattr(getattr(conn._impl, "_transport", None), "_sock", None)
+        if abandon and sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            with contextlib.suppress(Exception):  # its own poller, which nothing polls again
+                conn._impl.ioloop.close()
+            return
+        with contextlib.suppress(*RECOVERABLE):
+            conn.close()
 
     def _run(self, op: Callable[[BlockingChannel], T]) -> T:
         with self._lock:
