@@ -74,12 +74,17 @@ def publish_or_leave(
         )
 
 
+def by_queue(rows: Sequence[Row], tenant: str | None = None) -> dict[tuple[str, str], list[str]]:
+    """Message ids (`id`) by their (tenant, queue), in order; `tenant` for rows without one."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in rows:
+        groups.setdefault((r.get("tenant_id") or tenant or "", r["queue_id"]), []).append(r["id"])
+    return groups
+
+
 def requeue(c: Container, tenant: str, rows: Sequence[Row]) -> int:
     """Publish messages queued again (`id`, `queue_id`); how many."""
-    by_queue: dict[str, list[str]] = {}
-    for r in rows:
-        by_queue.setdefault(r["queue_id"], []).append(r["id"])
-    for queue_id, ids in by_queue.items():
+    for (_, queue_id), ids in by_queue(rows, tenant).items():
         queue = c.store.queue_workers(tenant, queue_id)
         publish_or_leave(c, tenant, queue_id, ids, queue[0]["workers"] if queue else 1)
     return len(rows)
@@ -93,9 +98,7 @@ def relay(c: Container, limit: int = 10_000) -> int:
     work: list[tuple[str, str, list[str], str | None]] = [
         (b["tenant_id"], b["queue_id"], b["messages"], b["id"]) for b in c.store.batches_to_relay(100)
     ]
-    groups: dict[tuple[str, str], list[str]] = {}
-    for r in c.store.to_relay(limit):
-        groups.setdefault((r["tenant_id"], r["queue_id"]), []).append(r["id"])
+    groups = by_queue(c.store.to_relay(limit))
     work += [(tenant, queue_id, ids, None) for (tenant, queue_id), ids in groups.items()]
     done = 0
     for tenant, queue_id, ids, batch_id in work:
