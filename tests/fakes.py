@@ -489,12 +489,17 @@ class ScriptedProviders:
 
 @dataclass
 class MemoryBroker:
-    """Records what is parked in a queue's delay queue: (names, body, delay_s)."""
+    """Records what is parked in a queue's delay queue (names, body, delay_s) and what is put
+    in its dead-letter queue (names, body, why)."""
 
     delayed: list[tuple[BrokerNames, bytes, float]] = field(default_factory=list)
+    dead: list[tuple[BrokerNames, bytes, str]] = field(default_factory=list)  # dead-letter copies
 
     def publish_delayed(self, names: BrokerNames, body: bytes, delay_s: float) -> None:
         self.delayed.append((names, body, delay_s))
+
+    def publish_dead(self, names: BrokerNames, copies: Sequence[tuple[bytes, str]]) -> None:
+        self.dead += [(names, body, why) for body, why in copies]
 
 
 @dataclass

@@ -321,6 +321,8 @@ def test_a_poison_message(faulty: Faulty) -> None:
     q, keys = queue(f, limit=100)
     bid = batch(f, q, n, latency_ms=20, poison={7})
     finished(f, bid, 120)
+    dead = f.c.names(T, q).dead  # its copy goes there just after its row says so
+    wait_until(lambda: f.c.broker.ready(dead) >= 1, 10)
     [poison] = rows(f, "SELECT * FROM messages WHERE batch_id = %s AND seq = 7", bid)
     calls = fake_stats(f, keys["fake"])["requests"]
     attempts = f.c.settings.max_attempts
@@ -330,6 +332,7 @@ def test_a_poison_message(faulty: Faulty) -> None:
         configured_attempts=attempts,
         status=poison["status"],
         dead_lettered=poison["dead_lettered_at"] is not None,
+        in_dead_letter_queue=f.c.broker.ready(dead),
         others_completed=counts(f, bid).get("completed", 0),
     )
     assert (poison["status"], poison["tries"], poison["dead_lettered_at"] is not None) == (
@@ -337,6 +340,7 @@ def test_a_poison_message(faulty: Faulty) -> None:
         attempts,
         True,
     )
+    assert f.c.broker.ready(dead) == 1  # its copy, and only its
     assert counts(f, bid) == {"completed": n - 1, "failed": 1} and calls == n - 1 + attempts
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import pika
 import pytest
+from ai_rate_limiter.adapters.rabbitmq import connection_parameters
 from ai_rate_limiter.bootstrap import Container
 from ai_rate_limiter.errors import DependencyUnavailable
 from ai_rate_limiter.services import dispatch, invocation, messages, processing, sweeper
@@ -30,6 +32,22 @@ def row(c: Container, mid: str) -> dict[str, Any]:
 def set_row(c: Container, mid: str, assignments: str) -> None:
     with c.db.tx() as cur:
         cur.execute(f"UPDATE messages SET {assignments} WHERE id = %s", (mid,))
+
+
+def dead_copies(c: Container, queue_id: str) -> list[tuple[str | None, str]]:
+    """What the queue's dead-letter queue holds, (message id, why), left there as it was."""
+    name = c.names(T, queue_id).dead
+    conn = pika.BlockingConnection(connection_parameters(c.settings.rabbitmq_url))
+    try:
+        ch = conn.channel()
+        found = []
+        while (got := ch.basic_get(name, auto_ack=False))[0] is not None:
+            _, props, body = got
+            why = (props.headers or {}).get("x-why", b"")
+            found.append((dispatch.message_id_of(body), why.decode() if isinstance(why, bytes) else str(why)))
+        return found
+    finally:
+        conn.close()  # what was taken goes back
 
 
 def test_a_body_that_is_no_message_fails_none_of_its_neighbours(
@@ -59,6 +77,7 @@ def test_a_message_whose_leases_keep_running_out_is_dead_lettered(
     assert (m["status"], m["dead_lettered"], m["attempts"]) == ("failed", True, n)
     assert m["last_error"] == f"gave up after {n} attempts: no attempt ended with an outcome"
     assert fake.stats()["total"]["requests"] == 0
+    assert dead_copies(container, q) == [(mid, m["last_error"])]  # it ends in the dead-letter queue
 
 
 def test_dead_letters_from_the_broker_go_back_to_their_queue_or_are_marked(
@@ -80,6 +99,8 @@ def test_dead_letters_from_the_broker_go_back_to_their_queue_or_are_marked(
 
     assert (out["requeued"], out["dead_lettered"], out["relayed"]) == (1, 1, 1)
     assert container.broker.ready(names.dead_letter) == 0
+    gave_up = f"gave up after {container.settings.max_attempts} attempts: HTTP 500"
+    assert dead_copies(container, q) == [(spent, gave_up)]  # only what its row says is dead
     assert (row(container, fresh)["status"], row(container, fresh)["attempts"]) == ("queued", 1)
     m = row(container, spent)
     assert (m["status"], m["dead_lettered"], m["attempts"]) == (
@@ -176,3 +197,20 @@ def test_a_release_tried_again_after_its_reply_was_lost_still_leads_to_its_publi
     assert not container.store.release(m, "deferred")  # published: nothing more to do
     [taken] = container.store.claim([mid], 20.0)
     assert not container.store.release(m, None) and container.store.release(taken, None)
+
+
+def test_a_replayed_message_leaves_the_dead_letter_queue_and_the_others_stay(
+    container: Container, fake: FakeProvider
+) -> None:
+    q = make_queue(container, fake.url)
+    ids = [submit(container, q, p) for p in ("again", "stays")]
+    n = container.settings.max_attempts
+    for mid in ids:
+        set_row(container, mid, f"tries = {n}, status = 'processing', lease_until = now() - interval '1 ms'")
+    assert invocation.handle_event(container, take_event(container, q, 2), 30) == {"dead_lettered": 2}
+    assert sorted(mid for mid, _ in dead_copies(container, q)) == sorted(ids)
+
+    messages.retry(container, T, ids[0])
+
+    assert [mid for mid, _ in dead_copies(container, q)] == [ids[1]]
+    assert row(container, ids[0])["status"] == "queued" and row(container, ids[1])["dead_lettered"]

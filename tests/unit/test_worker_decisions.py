@@ -179,6 +179,9 @@ def test_after_max_attempts_the_message_fails_with_the_last_error(ports: FakePor
     m = ports.store.messages[mid]
     assert (m.status, m.tries, m.dead_lettered) == ("failed", n, True)
     assert m.last_error == f"gave up after {n} attempts: fake: HTTP 500: boom {n - 1}"
+    assert ports.broker.dead == [
+        (ports.names(T, Q), message_body(T, mid), m.last_error)
+    ]  # a copy, after its row
 
 
 def test_a_message_that_already_spent_its_tries_fails_after_one_more(ports: FakePorts) -> None:
@@ -229,6 +232,7 @@ def test_a_message_that_always_crashes_its_worker_is_dead_lettered_after_its_tri
     m = ports.store.messages[mid]
     assert (m.status, m.tries, m.dead_lettered) == ("failed", n, True)
     assert m.last_error == f"gave up after {n} attempts: internal error: TypeError"
+    assert ports.broker.dead == [(ports.names(T, Q), message_body(T, mid), m.last_error)]
 
 
 def test_a_lease_that_ran_out_counts_as_a_try(ports: FakePorts) -> None:

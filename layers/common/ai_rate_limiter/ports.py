@@ -82,6 +82,8 @@ class ProviderCalls(Protocol):
 class DelayedPublisher(Protocol):
     def publish_delayed(self, names: BrokerNames, body: bytes, delay_s: float) -> None: ...
 
+    def publish_dead(self, names: BrokerNames, copies: Sequence[tuple[bytes, str]]) -> None: ...
+
 
 class Clock(Protocol):
     """The worker's clock: a monotonic time in seconds, and sleeping on it."""

@@ -877,12 +877,13 @@ class Store:
 
     def requeue_or_dead_letter(
         self, max_attempts: int, ids: Sequence[str] | None = None, grace_s: float = 0.0
-    ) -> dict[str, int]:
+    ) -> list[Row]:
         """Messages that lost every copy on the broker, each counted as a try: those `ids`
         the broker dead-lettered (delivered too often without an outcome) that are still to
         do, or, without `ids`, those whose lease ran out more than `grace_s` ago. With tries
         left a message is queued for the relay to publish at once; without, it is failed and
-        dead-lettered. Counts of each."""
+        dead-lettered. Each (`id`, `tenant_id`, `queue_id`, `spent`: dead-lettered,
+        `last_error`)."""
         where = (
             "id = ANY(%(ids)s::uuid[])"
             " AND (status = 'queued' OR (status = 'processing' AND lease_until < now()))"
@@ -905,7 +906,7 @@ class Store:
                                  coalesce(m.last_error, %(no_outcome)s)), 4000)
                             ELSE m.last_error END
                     FROM due WHERE m.id = due.id
-                    RETURNING due.spent""",
+                    RETURNING m.id::text, m.tenant_id, m.queue_id, due.spent, m.last_error""",
                 {
                     "max": max_attempts,
                     "ids": None if ids is None else list(ids),
@@ -913,8 +914,7 @@ class Store:
                     "no_outcome": NO_OUTCOME,
                 },
             )
-            spent = [r["spent"] for r in cur.fetchall()]
-        return {"requeued": spent.count(False), "dead_lettered": spent.count(True)}
+            return [dict(r) for r in cur.fetchall()]
 
     def release(self, msg: ClaimedMessage, note: str | None = None) -> bool:
         """Give the message back to the queue (deferred work), keeping its attempt count. Its

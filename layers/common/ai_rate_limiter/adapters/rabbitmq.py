@@ -26,6 +26,8 @@ T = TypeVar("T")
 BULK_THRESHOLD = 20  # more messages than this go out with pipelined confirms
 WRITE_CHUNK = 256 * 1024  # bytes of marshalled frames per write in a bulk publish
 DELIVERY_LIMIT = 20  # redeliveries of one message before it is dead-lettered
+DEAD_KEPT = 100_000  # copies a dead-letter queue keeps (the oldest go first; the rows stay)
+DEAD_ARGUMENTS = {"x-queue-type": "quorum", "x-max-length": DEAD_KEPT, "x-overflow": "drop-head"}
 STALE_S = 30.0  # a publishing connection unused this long is opened afresh before use
 PERSISTENT = pika.BasicProperties(delivery_mode=2, content_type="application/json")
 RECOVERABLE: tuple[type[BaseException], ...] = (pika.exceptions.AMQPError, OSError)
@@ -232,13 +234,20 @@ class Broker:
                 )
             for seconds, name in names.delays():
                 ch.queue_declare(name, durable=True, arguments=delay_arguments(names, seconds))
+            ch.queue_declare(names.dead, durable=True, arguments=DEAD_ARGUMENTS)
 
         self._run(op)
 
     def delete(self, names: BrokerNames, shards: int = 1) -> None:
         def op(ch: BlockingChannel) -> None:
             delays = [name for _, name in names.delays()]
-            for name in (*names.shards(shards), *delays, *names.legacy_delays(), names.dead_letter):
+            for name in (
+                *names.shards(shards),
+                *delays,
+                *names.legacy_delays(),
+                names.dead_letter,
+                names.dead,
+            ):
                 ch.queue_delete(name)
                 self._declared.discard(name)
 
@@ -321,6 +330,48 @@ class Broker:
                 raise
 
         self._run(op)
+
+    def publish_dead(self, names: BrokerNames, copies: Sequence[tuple[bytes, str]]) -> None:
+        """Copies (body, why) into the queue's dead-letter queue, confirmed; declared on first
+        use for a queue made before it existed."""
+
+        def op(ch: BlockingChannel) -> None:
+            if names.dead not in self._declared:
+                ch.queue_declare(names.dead, durable=True, arguments=DEAD_ARGUMENTS)
+                self._declared.add(names.dead)
+            for body, why in copies:
+                props = pika.BasicProperties(
+                    delivery_mode=2, content_type="application/json", headers={"x-why": why[:1000]}
+                )
+                try:
+                    ch.basic_publish("", names.dead, body, props, mandatory=True)
+                except pika.exceptions.UnroutableError:
+                    self._declared.discard(names.dead)  # deleted since: declared again next time
+                    raise
+
+        self._run(op)
+
+    def prune_dead(self, names: BrokerNames, drop: Callable[[bytes], bool], limit: int) -> int:
+        """Go once through up to `limit` copies in the queue's dead-letter queue: those `drop`
+        picks are taken off, the others put back at its tail (each confirmed before it is
+        acked). How many were taken off."""
+        queue = names.dead
+
+        def op(ch: BlockingChannel) -> int:
+            dropped = 0
+            waiting = ch.queue_declare(queue, durable=True, arguments=DEAD_ARGUMENTS).method.message_count
+            for _ in range(min(limit, int(waiting))):
+                method, props, body = ch.basic_get(queue, auto_ack=False)
+                if method is None:
+                    break
+                if drop(bytes(body)):
+                    dropped += 1
+                else:
+                    ch.basic_publish("", queue, body, props, mandatory=True)
+                ch.basic_ack(method.delivery_tag)
+            return dropped
+
+        return self._run(op)
 
     def ping(self) -> None:
         self._run(lambda ch: None)

@@ -28,6 +28,13 @@ class BrokerNames:
         the main queue is: replicated, and a deferred message outlives a broker node."""
         return [(s, f"{self.main}.later.{s}s") for s in DELAY_BUCKETS_S]
 
+    @property
+    def dead(self) -> str:
+        """The queue's dead-letter queue: a copy of each message that used up its tries, put
+        there once its row says why (`dead_letter` is the broker's own: what it gives up on,
+        which the sweeper settles)."""
+        return f"{self.main}.dead"
+
     def legacy_delays(self) -> list[str]:
         """The delay queues of earlier versions (classic queues): the per-message one and the
         fixed ones. What they still hold goes back to the main queue; nothing new goes in."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ..bootstrap import Container
 from ..domain.models import ClaimedMessage
@@ -83,7 +83,9 @@ def by_queue(rows: Sequence[Row], tenant: str | None = None) -> dict[tuple[str, 
 
 
 def requeue(c: Container, tenant: str, rows: Sequence[Row]) -> int:
-    """Publish messages queued again (`id`, `queue_id`); how many."""
+    """Publish messages queued again (`id`, `queue_id`), their dead-letter copies taken off;
+    how many."""
+    unrest_dead(c, tenant, rows)
     for (_, queue_id), ids in by_queue(rows, tenant).items():
         queue = c.store.queue_workers(tenant, queue_id)
         publish_or_leave(c, tenant, queue_id, ids, queue[0]["workers"] if queue else 1)
@@ -113,6 +115,37 @@ def relay(c: Container, limit: int = 10_000) -> int:
             publish(c, tenant, queue_id, ids, workers, batch_id)
         done += len(ids)
     return done
+
+
+PRUNE_AT_ONCE = 10_000  # copies a replay looks through in a dead-letter queue
+
+
+def rest_dead(c: WorkerPorts, rows: Sequence[Row]) -> None:
+    """A copy of each message that used up its tries (`id`, `tenant_id`, `queue_id`, and
+    `last_error`: why) into its queue's dead-letter queue, once its row says so. Best effort:
+    the row is the record, and a copy that cannot be published is only missing there."""
+    why = {r["id"]: str(r["last_error"] or "") for r in rows}
+    for (tenant, queue_id), ids in by_queue(rows).items():
+        copies = list(zip(message_bodies(tenant, ids), (why[mid] for mid in ids), strict=True))
+        try:
+            c.broker.publish_dead(c.names(tenant, queue_id), copies)
+        except AppError as exc:
+            log.warning("%d dead-letter copies for %s not published: %s", len(ids), queue_id, exc.detail)
+
+
+def unrest_dead(c: Container, tenant: str, rows: Sequence[Row]) -> None:
+    """The dead-letter copies of messages queued again (`id`, `queue_id`) are taken off, so that
+    none stays there with its row no longer saying it was dead-lettered. Best effort."""
+    for (_, queue_id), ids in by_queue(rows, tenant).items():
+        try:
+            c.broker.prune_dead(c.names(tenant, queue_id), one_of(set(ids)), PRUNE_AT_ONCE)
+        except AppError as exc:
+            log.warning("dead-letter copies of %s not taken off: %s", queue_id, exc.detail)
+
+
+def one_of(ids: set[str]) -> Callable[[bytes], bool]:
+    """Whether a body is one of these messages'."""
+    return lambda body: message_id_of(body) in ids
 
 
 def publish_later(c: WorkerPorts, tenant: str, queue_id: str, message_id: str, delay_s: float) -> None:

@@ -33,7 +33,16 @@ from ..domain.rmq_event import Delivery, parse_event
 from ..errors import DependencyUnavailable, LimiterUnavailable, NotFound
 from . import dispatch, monitoring
 from .intake import Intake
-from .processing import LEASE_S, SAFETY_S, SHUTTING_DOWN, Deadline, process, quietly, through_blips
+from .processing import (
+    LEASE_S,
+    SAFETY_S,
+    SHUTTING_DOWN,
+    Deadline,
+    Steady,
+    process,
+    quietly,
+    through_blips,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -129,9 +138,7 @@ class Invocation:
         """A message claimed with no try left (one that kills or stalls its worker every time
         comes here) is failed and dead-lettered, with the last error it had."""
         error = gave_up(m.tries, m.last_error)
-        dead = self.steadily(
-            "dead-lettering", lambda: self.c.store.fail(m, error, None, False, dead_letter=True)
-        )
+        dead = Steady(self.c, self.deadline).fail(m, error, None, counted=False, dead_letter=True)
         with self.lock:
             self.outcomes["dead_lettered" if dead else "lost"] += 1
             if m.batch_id:

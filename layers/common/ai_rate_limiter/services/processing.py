@@ -144,9 +144,14 @@ class Steady:
         counted: bool = True,
         dead_letter: bool = False,
     ) -> bool:
-        return self._steadily(
+        """`dead_letter`: it used up its tries, and a copy goes to its queue's dead-letter queue."""
+        failed = self._steadily(
             f"failing {m.id}", lambda: self.c.store.fail(m, error, provider, counted, dead_letter=dead_letter)
         )
+        if failed and dead_letter:
+            row = {"id": m.id, "tenant_id": m.tenant_id, "queue_id": m.queue_id, "last_error": error}
+            dispatch.rest_dead(self.c, [row])
+        return failed
 
     def renew(self, m: ClaimedMessage, counted: bool, error: str) -> ClaimedMessage | None:
         return self._steadily(f"renewing {m.id}", lambda: self.c.store.renew(m, LEASE_S, counted, error))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -181,11 +180,11 @@ def recover(c: Container) -> dict[str, int]:
     for the relay to publish now; without, its row is failed and says why. A dead-lettered copy
     leaves the dead-letter queue only once its row says what became of it."""
     s = c.settings
-    counts: Counter[str] = Counter(c.store.requeue_or_dead_letter(s.max_attempts, grace_s=ORPHANED_S))
+    settled = c.store.requeue_or_dead_letter(s.max_attempts, grace_s=ORPHANED_S)
 
-    def settle(bodies: list[bytes]) -> None:
+    def settle(bodies: list[bytes]) -> None:  # no broker in here: its channel is draining
         ids = [mid for body in bodies if (mid := dispatch.message_id_of(body)) is not None]
-        counts.update(c.store.requeue_or_dead_letter(s.max_attempts, ids=ids))
+        settled.extend(c.store.requeue_or_dead_letter(s.max_attempts, ids=ids))
 
     for tenant, queue_id in c.store.all_queues():
         name = c.names(tenant, queue_id).dead_letter
@@ -194,7 +193,9 @@ def recover(c: Container) -> dict[str, int]:
                 pass
         except AppError as exc:  # its queue is gone or the broker is down: the next sweep
             log.warning("dead letters of %s not read: %s", name, exc.detail)
-    return {"requeued": counts["requeued"], "dead_lettered": counts["dead_lettered"]}
+    dead = [r for r in settled if r["spent"]]
+    dispatch.rest_dead(c, dead)
+    return {"requeued": len(settled) - len(dead), "dead_lettered": len(dead)}
 
 
 def sweep(c: Container) -> dict[str, int]:
