@@ -35,6 +35,7 @@ PROVIDER_COLUMNS = (
 )
 
 
+CLAIMED = "id::text, tenant_id, queue_id, batch_id::text, request, attempt, tries, last_error"
 RELAY_AFTER_S = 60.0  # as migration 0008's default: longer than an API function runs
 DELIVERY_KEY = ("endpoint_id", "id", "event")  # a delivery's row: its endpoint, batch and event
 ENDPOINT_COLUMNS = "id::text, url, description, enabled, disabled_reason, created_at, updated_at"
@@ -728,13 +729,12 @@ class Store:
             return []
         with self.db.tx() as cur:
             cur.execute(
-                """WITH again AS (
+                f"""WITH again AS (
                        UPDATE messages SET lease_until = now() + make_interval(secs => %(lease_s)s),
                               updated_at = now()
                        WHERE id = ANY(%(ids)s::uuid[]) AND status = 'processing'
                          AND claim_token = %(token)s
-                       RETURNING id::text, tenant_id, queue_id, batch_id::text, request, attempt, tries,
-                                 last_error
+                       RETURNING {CLAIMED}
                    ), taken AS (
                        UPDATE messages SET status = 'processing', attempt = attempt + 1,
                               tries = tries + (status = 'processing')::int,
@@ -745,8 +745,7 @@ class Store:
                          AND (status = 'queued'
                               OR (status = 'processing' AND lease_until < now()
                                   AND claim_token IS DISTINCT FROM %(token)s))
-                       RETURNING id::text, tenant_id, queue_id, batch_id::text, request, attempt, tries,
-                                 last_error
+                       RETURNING {CLAIMED}
                    )
                    SELECT * FROM again UNION ALL SELECT * FROM taken""",
                 {"lease_s": lease_s, "ids": list(ids), "token": token or str(uuid.uuid4())},
@@ -1048,7 +1047,7 @@ class Store:
                           dead_lettered_at = NULL, finished_at = NULL, lease_until = NULL,
                           updated_at = now(), relay_after = now() + make_interval(secs => %s)
                    WHERE id = ANY(%s::uuid[])
-                   RETURNING id::text, queue_id, batch_id""",
+                   RETURNING id::text, tenant_id, queue_id, batch_id""",
                 (RELAY_AFTER_S, [r["id"] for r in rows]),
             )
             requeued = [dict(r) for r in cur.fetchall()]

@@ -312,44 +312,43 @@ class Broker:
 
         self._run(op)
 
-    def publish_delayed(self, names: BrokerNames, body: bytes, delay_s: float) -> None:
-        """Park a message in the delay queue for `delay_s` (rounded up to one of the delay
-        queues); it dead-letters back to the main queue. A queue made before the delay queues
-        existed gets them declared on first use."""
-        queue = names.delay_for(delay_s)
+    def _publish_declared(
+        self, queue: str, arguments: dict[str, Any], messages: Sequence[tuple[bytes, pika.BasicProperties]]
+    ) -> None:
+        """Publish to a queue made on first use (with `arguments`) for a queue of ours made
+        before it existed; each confirmed."""
 
         def op(ch: BlockingChannel) -> None:
             if queue not in self._declared:
-                seconds = next(s for s, n in names.delays() if n == queue)
-                ch.queue_declare(queue, durable=True, arguments=delay_arguments(names, seconds))
+                ch.queue_declare(queue, durable=True, arguments=arguments)
                 self._declared.add(queue)
             try:
-                ch.basic_publish("", queue, body, PERSISTENT, mandatory=True)
+                for body, props in messages:
+                    ch.basic_publish("", queue, body, props, mandatory=True)
             except pika.exceptions.UnroutableError:
                 self._declared.discard(queue)  # deleted since: declared again next time
                 raise
 
         self._run(op)
 
+    def publish_delayed(self, names: BrokerNames, body: bytes, delay_s: float) -> None:
+        """Park a message in the delay queue for `delay_s` (rounded up to one of the delay
+        queues); it dead-letters back to the main queue."""
+        queue = names.delay_for(delay_s)
+        seconds = next(s for s, n in names.delays() if n == queue)
+        self._publish_declared(queue, delay_arguments(names, seconds), [(body, PERSISTENT)])
+
     def publish_dead(self, names: BrokerNames, copies: Sequence[tuple[bytes, str]]) -> None:
-        """Copies (body, why) into the queue's dead-letter queue, confirmed; declared on first
-        use for a queue made before it existed."""
-
-        def op(ch: BlockingChannel) -> None:
-            if names.dead not in self._declared:
-                ch.queue_declare(names.dead, durable=True, arguments=DEAD_ARGUMENTS)
-                self._declared.add(names.dead)
-            for body, why in copies:
-                props = pika.BasicProperties(
-                    delivery_mode=2, content_type="application/json", headers={"x-why": why[:1000]}
-                )
-                try:
-                    ch.basic_publish("", names.dead, body, props, mandatory=True)
-                except pika.exceptions.UnroutableError:
-                    self._declared.discard(names.dead)  # deleted since: declared again next time
-                    raise
-
-        self._run(op)
+        """Copies (body, why) into the queue's dead-letter queue."""
+        props = [
+            pika.BasicProperties(
+                delivery_mode=2, content_type="application/json", headers={"x-why": why[:1000]}
+            )
+            for _, why in copies
+        ]
+        self._publish_declared(
+            names.dead, DEAD_ARGUMENTS, [(b, p) for (b, _), p in zip(copies, props, strict=True)]
+        )
 
     def prune_dead(self, names: BrokerNames, drop: Callable[[bytes], bool], limit: int) -> int:
         """Go once through up to `limit` copies in the queue's dead-letter queue: those `drop`

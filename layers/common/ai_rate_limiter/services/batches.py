@@ -172,5 +172,5 @@ def retry_failed(c: Container, tenant: str, batch_id: str) -> Row:
     """Send the batch's failed messages again, with their tries back to none."""
     batch_id = checked_id(batch_id, "batch")
     c.store.get_batch(tenant, batch_id)  # 404 if there is none
-    requeued = dispatch.requeue(c, tenant, c.store.requeue(tenant, batch_id=batch_id))
+    requeued = dispatch.requeue(c, c.store.requeue(tenant, batch_id=batch_id))
     return {"batch_id": batch_id, "requeued": requeued, "status": progress(c, tenant, batch_id)["status"]}

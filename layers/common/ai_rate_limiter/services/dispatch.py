@@ -74,19 +74,19 @@ def publish_or_leave(
         )
 
 
-def by_queue(rows: Sequence[Row], tenant: str | None = None) -> dict[tuple[str, str], list[str]]:
-    """Message ids (`id`) by their (tenant, queue), in order; `tenant` for rows without one."""
+def by_queue(rows: Sequence[Row]) -> dict[tuple[str, str], list[str]]:
+    """Message ids (`id`) by their (`tenant_id`, `queue_id`), in order."""
     groups: dict[tuple[str, str], list[str]] = {}
     for r in rows:
-        groups.setdefault((r.get("tenant_id") or tenant or "", r["queue_id"]), []).append(r["id"])
+        groups.setdefault((r["tenant_id"], r["queue_id"]), []).append(r["id"])
     return groups
 
 
-def requeue(c: Container, tenant: str, rows: Sequence[Row]) -> int:
-    """Publish messages queued again (`id`, `queue_id`), their dead-letter copies taken off;
-    how many."""
-    unrest_dead(c, tenant, rows)
-    for (_, queue_id), ids in by_queue(rows, tenant).items():
+def requeue(c: Container, rows: Sequence[Row]) -> int:
+    """Publish messages queued again (`id`, `tenant_id`, `queue_id`), their dead-letter copies
+    taken off; how many."""
+    unrest_dead(c, rows)
+    for (tenant, queue_id), ids in by_queue(rows).items():
         queue = c.store.queue_workers(tenant, queue_id)
         publish_or_leave(c, tenant, queue_id, ids, queue[0]["workers"] if queue else 1)
     return len(rows)
@@ -133,10 +133,11 @@ def rest_dead(c: WorkerPorts, rows: Sequence[Row]) -> None:
             log.warning("%d dead-letter copies for %s not published: %s", len(ids), queue_id, exc.detail)
 
 
-def unrest_dead(c: Container, tenant: str, rows: Sequence[Row]) -> None:
-    """The dead-letter copies of messages queued again (`id`, `queue_id`) are taken off, so that
-    none stays there with its row no longer saying it was dead-lettered. Best effort."""
-    for (_, queue_id), ids in by_queue(rows, tenant).items():
+def unrest_dead(c: Container, rows: Sequence[Row]) -> None:
+    """The dead-letter copies of messages queued again (`id`, `tenant_id`, `queue_id`) are taken
+    off, so that none stays there with its row no longer saying it was dead-lettered. Best
+    effort."""
+    for (tenant, queue_id), ids in by_queue(rows).items():
         try:
             c.broker.prune_dead(c.names(tenant, queue_id), one_of(set(ids)), PRUNE_AT_ONCE)
         except AppError as exc:

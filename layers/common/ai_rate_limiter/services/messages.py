@@ -230,5 +230,5 @@ def retry(c: Container, tenant: str, message_id: str) -> Row:
     if not requeued:
         status = c.store.get_message(tenant, message_id)["status"]  # 404 if there is none
         raise Conflict(f"Only a failed or cancelled message is sent again; this one is {status}.")
-    dispatch.requeue(c, tenant, requeued)
+    dispatch.requeue(c, requeued)
     return {"message_id": message_id, "status": "queued"}
