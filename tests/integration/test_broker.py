@@ -3,6 +3,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 
 import pika
 import pytest
@@ -12,11 +13,27 @@ from ai_rate_limiter.errors import NotFound
 
 from tests.tcp_proxy import TcpProxy
 
+DECLARED: list[str] = []  # queues a test made itself, with no row: deleted after it
+
+
+@pytest.fixture(autouse=True)
+def delete_declared(container: Container) -> Iterator[None]:
+    yield
+    while DECLARED:
+        container.broker.delete(container.names("default", DECLARED.pop()), shards=2)
+
 
 def declare(c: Container) -> str:
-    queue_id = f"b-{uuid.uuid4().hex[:8]}"
+    queue_id = fresh_id()
     c.broker.declare(c.names("default", queue_id))
     return queue_id
+
+
+def fresh_id() -> str:
+    """A queue id for broker queues of this test's own, deleted after it (each quorum queue
+    left behind is one more for the broker to recover on every restart)."""
+    DECLARED.append(f"b-{uuid.uuid4().hex[:8]}")
+    return DECLARED[-1]
 
 
 def channel(c: Container) -> tuple[pika.BlockingConnection, object]:
@@ -200,7 +217,7 @@ def test_a_reader_takes_more_than_its_window_while_the_first_are_out_on_calls(co
 
 
 def test_a_reader_asks_its_own_shard_first_then_the_others(container: Container) -> None:
-    names = container.names("default", f"b-{uuid.uuid4().hex[:8]}")
+    names = container.names("default", fresh_id())
     container.broker.declare(names, shards=2)
     own, other = reversed(names.shards(2))
     container.broker.publish(other, [b'{"n": 0}'])
